@@ -1,0 +1,120 @@
+"""The ``satori`` command line.
+
+Each subcommand is a config dataclass plus the function that runs it; flags are generated
+from the dataclass (see :mod:`satori.config`), so a YAML file given with ``--config`` and
+the flags accept exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from satori.config import add_config_arguments, config_from_args
+from satori.errors import SatoriError
+
+
+@dataclass
+class GradeConfig:
+    """``satori grade INPUT.jsonl --response-field F --answer-field F --out OUT.jsonl``."""
+
+    response_field: str = "response"
+    answer_field: str = "answer"
+    out: str = ""
+    workers: int = 0
+    timeout: float = 5.0
+    last_number_fallback: bool = True
+
+
+def _cmd_grade(cfg: GradeConfig, args: argparse.Namespace) -> None:
+    from satori.grading import grade_file
+
+    if not cfg.out:
+        raise SatoriError("--out is required")
+    acc = grade_file(args.input, cfg.out, cfg.response_field, cfg.answer_field, workers=cfg.workers,
+                     timeout=cfg.timeout, last_number_fallback=cfg.last_number_fallback)
+    print(f"accuracy: {acc:.4f}")
+
+
+def _cmd_eval(cfg: Any, args: argparse.Namespace) -> None:
+    from satori.evaluate import markdown_table, run_eval
+
+    metrics = run_eval(cfg)
+    print(markdown_table(metrics, title=f"{cfg.model} on {cfg.data.path}"))
+    print(f"results: {metrics['out']}/results.json")
+
+
+def _cmd_pretrain(cfg: Any, args: argparse.Namespace) -> None:
+    from satori.testbed.pretrain import pretrain
+
+    metrics = pretrain(cfg)
+    print(json.dumps(metrics, indent=2))
+
+
+def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], None], str, Callable | None]]:
+    """name -> (config class, runner, help, extra-argument adder)."""
+    from satori.evaluate import EvalConfig
+    from satori.testbed.pretrain import PretrainConfig
+
+    def grade_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("input", help="JSONL file of records to grade")
+
+    return {
+        "grade": (GradeConfig, _cmd_grade, "grade responses in a JSONL file", grade_args),
+        "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
+        "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
+    }
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="satori", description="Teach language models to reason by "
+                                     "autoregressive search (Satori, LaTRO).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    commands = _commands()
+    for name, (cls, _, help_text, extra) in commands.items():
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            p = groups[group].add_parser(leaf, help=help_text, description=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+        if extra:
+            extra(p)
+        add_config_arguments(p, cls)
+        p.set_defaults(_command=name)
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cls, runner, _, _ = commands[args._command]
+    try:
+        cfg = config_from_args(cls, args)
+        runner(cfg, args)
+    except SatoriError as e:
+        if args.verbose:
+            raise
+        print(f"satori: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("satori: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

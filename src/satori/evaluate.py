@@ -1,0 +1,261 @@
+"""Evaluation of any causal LM on any problem set.
+
+Greedy pass@1; pass@k and maj@k from ``k`` samples; a per-level breakdown; format
+compliance (a parseable final answer in a valid COAT structure); the COAT behaviour
+metrics: how often a response reflects or explores, and after a reflection whether the
+answer went wrong→right (F→T) or right→wrong (T→F), comparing the answer written before the
+first ``<|reflect|>`` with the final one; mean response tokens and truncation rate.
+
+The metrics are a pure function of per-problem records (:func:`compute_metrics`), so they
+are unit-tested on hand-made samples; :func:`evaluate` produces those records from a model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from satori import coat
+from satori.config import check, to_dict
+from satori.data import DataConfig, Problem, build_prompt, load_problems
+from satori.grading import answers_equal, extract_answer, grade_batch, normalize_answer
+from satori.rollout import Sample, generate, load_model, load_tokenizer
+from satori.utils import seed_everything, set_threads, write_json, write_jsonl
+
+
+@dataclass
+class GenConfig:
+    """How responses are generated."""
+
+    max_new_tokens: int = 400
+    batch_size: int = 64
+    max_batch_tokens: int = 65536
+    use_chat_template: bool = True
+
+    def validate(self) -> None:
+        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    """``satori eval``: evaluate a model on a problem set."""
+
+    __aliases__: ClassVar[dict[str, str]] = {"data": "data.path"}
+
+    model: str = field(default="", metadata={"help": "local model folder"})
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = field(default="", metadata={"help": "output folder (default: MODEL/eval-DATA)"})
+    gen: GenConfig = field(default_factory=GenConfig)
+    k: int = field(default=0, metadata={"help": "samples per problem for pass@k / maj@k (0: greedy only)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for the k samples"})
+    seed: int = 0
+    threads: int = 0
+    last_number_fallback: bool = False
+
+    def validate(self) -> None:
+        check(self.k >= 0, f"k must be >= 0, got {self.k}")
+        check(self.temperature > 0, f"temperature must be > 0 for sampling, got {self.temperature}")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    """The most frequent extracted answer (normalised); ties go to the first seen."""
+    keys = [normalize_answer(a) for a in answers if a is not None and a.strip()]
+    if not keys:
+        return None
+    counts = Counter(keys)
+    best = max(counts.values())
+    return next(k for k in keys if counts[k] == best)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def reflection_outcome(pre_correct: bool | None, final_correct: bool) -> str | None:
+    """``"F->T"``, ``"T->F"``, ``"T->T"`` or ``"F->F"`` for a reflected response (None if it did not reflect)."""
+    if pre_correct is None:
+        return None
+    return ("T" if pre_correct else "F") + "->" + ("T" if final_correct else "F")
+
+
+def _rate(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics from per-problem records.
+
+    Each record has ``level``, ``greedy`` (a dict with ``correct``, ``valid_format``,
+    ``reflects``, ``explores``, ``pre_reflect_correct`` (None when it did not reflect),
+    ``n_tokens``, ``truncated``) and ``samples`` (a list of dicts with ``extracted`` and
+    ``correct``; may be empty).
+    """
+    n = len(records)
+    if n == 0:
+        return {"n": 0}
+    greedy = [r["greedy"] for r in records]
+    out: dict[str, Any] = {
+        "n": n,
+        "pass@1": _rate(sum(g["correct"] for g in greedy), n),
+        "format_compliance": _rate(sum(g["valid_format"] for g in greedy), n),
+        "reflect_rate": _rate(sum(g["reflects"] for g in greedy), n),
+        "explore_rate": _rate(sum(g["explores"] for g in greedy), n),
+        "truncation_rate": _rate(sum(g["truncated"] for g in greedy), n),
+        "mean_tokens": sum(g["n_tokens"] for g in greedy) / n,
+    }
+    outcomes = Counter(reflection_outcome(g["pre_reflect_correct"], g["correct"]) for g in greedy)
+    n_reflected = sum(v for key, v in outcomes.items() if key is not None)
+    changed = outcomes["F->T"] + outcomes["T->F"]
+    out["reflection"] = {
+        "n_reflected": n_reflected,
+        "counts": {key: outcomes[key] for key in ("F->T", "T->F", "T->T", "F->F")},
+        # among reflected answers that changed correctness (the paper's F→T vs T→F split)
+        "f_to_t_share": _rate(outcomes["F->T"], changed),
+        "t_to_f_share": _rate(outcomes["T->F"], changed),
+        # over all reflected responses
+        "f_to_t_rate": _rate(outcomes["F->T"], n_reflected),
+        "t_to_f_rate": _rate(outcomes["T->F"], n_reflected),
+    }
+    ks = {len(r["samples"]) for r in records}
+    if ks != {0}:
+        if len(ks) != 1:
+            raise ValueError("every record must have the same number of samples")
+        k = ks.pop()
+        out["k"] = k
+        out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
+        out[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), n)
+        out["sample_accuracy"] = sum(sum(s["correct"] for s in r["samples"]) / k for r in records) / n
+    by_level: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_level[r.get("level")].append(r)
+    if len(by_level) > 1 or None not in by_level:
+        out["by_level"] = {
+            str(level): _level_metrics(rs) for level, rs in sorted(by_level.items(), key=lambda kv: str(kv[0]))
+        }
+    return out
+
+
+def _majority_correct(samples: Sequence[dict[str, Any]]) -> bool:
+    winner = majority_answer([s["extracted"] for s in samples])
+    if winner is None:
+        return False
+    return any(s["correct"] for s in samples if s["extracted"] is not None and normalize_answer(s["extracted"]) == winner)
+
+
+def _level_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    m = {"n": len(records), "pass@1": _rate(sum(r["greedy"]["correct"] for r in records), len(records))}
+    if records and records[0]["samples"]:
+        k = len(records[0]["samples"])
+        m[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), len(records))
+    return m
+
+
+# --------------------------------------------------------------------------- records from a model
+
+
+def response_record(sample: Sample, problem: Problem, extracted: str | None, correct: bool) -> dict[str, Any]:
+    """Everything evaluation keeps about one greedy response."""
+    beh = coat.behaviour(sample.text)
+    pre_correct = None  # only defined when an answer was written before the first reflection
+    if beh["reflects"]:
+        pre = extract_answer(coat.answer_before_first_reflect(sample.text), last_number_fallback=False)
+        if pre is not None:
+            pre_correct = answers_equal(pre, problem.answer)
+    return {
+        "text": sample.text,
+        "extracted": extracted,
+        "correct": bool(correct),
+        "truncated": sample.truncated,
+        "n_tokens": len(sample.response_ids),
+        "valid_format": extracted is not None and coat.is_valid_coat(sample.text),
+        "reflects": beh["reflects"],
+        "explores": beh["explores"],
+        "n_steps": beh["n_steps"],
+        "pre_reflect_correct": pre_correct,
+    }
+
+
+def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalConfig,
+             progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate ``model`` on ``problems``: (metrics, per-problem records)."""
+    prompts = [build_prompt(p, tokenizer, use_chat_template=cfg.gen.use_chat_template) for p in problems]
+    golds = [p.answer for p in problems]
+    common = dict(max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size,
+                  max_batch_tokens=cfg.gen.max_batch_tokens, progress=progress)
+    greedy = generate(model, tokenizer, prompts, temperature=0.0, seed=cfg.seed, desc="eval greedy", **common)
+    graded = grade_batch([s.text for s in greedy], golds, truncated=[s.truncated for s in greedy],
+                         last_number_fallback=cfg.last_number_fallback)
+    sampled_graded: list[list[dict[str, Any]]] = [[] for _ in problems]
+    if cfg.k:
+        sampled = generate(model, tokenizer, prompts, temperature=cfg.temperature, n=cfg.k, seed=cfg.seed,
+                           desc=f"eval k={cfg.k}", **common)
+        res = grade_batch([s.text for s in sampled], [golds[s.index] for s in sampled],
+                          truncated=[s.truncated for s in sampled], last_number_fallback=cfg.last_number_fallback)
+        for s, (ext, ok) in zip(sampled, res):
+            sampled_graded[s.index].append({"extracted": ext, "correct": bool(ok), "text": s.text})
+    records = []
+    for i, (p, s, (ext, ok)) in enumerate(zip(problems, greedy, graded)):
+        records.append({
+            "id": p.id, "level": p.meta.get("level"), "question": p.question, "answer": p.answer,
+            "greedy": response_record(s, p, ext, ok), "samples": sampled_graded[i],
+        })
+    return compute_metrics(records), records
+
+
+def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
+    """A small markdown summary of :func:`compute_metrics` output."""
+    rows = [("problems", metrics["n"]), ("pass@1 (greedy)", metrics["pass@1"])]
+    if "k" in metrics:
+        k = metrics["k"]
+        rows += [(f"pass@{k}", metrics[f"pass@{k}"]), (f"maj@{k}", metrics[f"maj@{k}"])]
+    rows += [("format compliance", metrics["format_compliance"]), ("reflect rate", metrics["reflect_rate"]),
+             ("explore rate", metrics["explore_rate"]),
+             ("F→T share of changed", metrics["reflection"]["f_to_t_share"]),
+             ("T→F share of changed", metrics["reflection"]["t_to_f_share"]),
+             ("reflected responses", metrics["reflection"]["n_reflected"]),
+             ("truncation rate", metrics["truncation_rate"]), ("mean response tokens", metrics["mean_tokens"])]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| metric | value |", "|---|---|"]
+    for name, v in rows:
+        lines.append(f"| {name} | {v:.3f} |" if isinstance(v, float) else f"| {name} | {v} |")
+    if "by_level" in metrics:
+        lines += ["", "| level | n | pass@1 |" + (" maj |" if "k" in metrics else ""),
+                  "|---|---|---|" + ("---|" if "k" in metrics else "")]
+        for level, m in metrics["by_level"].items():
+            maj = next((f" {v:.3f} |" for key, v in m.items() if key.startswith("maj@")), "")
+            lines.append(f"| {level} | {m['n']} | {m['pass@1']:.3f} |{maj}")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """``satori eval``: load, evaluate, write ``results.json``, ``results.md``, ``samples.jsonl``."""
+    if not cfg.model:
+        from satori.errors import SatoriError
+
+        raise SatoriError("--model is required")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    problems = load_problems(cfg.data)
+    model = load_model(cfg.model)
+    t0 = time.time()
+    metrics, records = evaluate(model, tokenizer, problems, cfg)
+    metrics["seconds"] = round(time.time() - t0, 2)
+    data_name = cfg.data.path.replace(":", "-").replace("/", "_").strip("_.")
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / f"eval-{data_name}"
+    write_json(out / "results.json", {"config": to_dict(cfg), "metrics": metrics})
+    (out / "results.md").write_text(markdown_table(metrics, title=f"{cfg.model} on {cfg.data.path}"))
+    write_jsonl(out / "samples.jsonl", records)
+    metrics["out"] = str(out)
+    return metrics

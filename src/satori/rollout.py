@@ -1,0 +1,247 @@
+"""Sampling from any causal LM, and the log-probabilities of what was sampled.
+
+One place decides how text is generated and scored, so that sampling, evaluation and every
+training loop agree on temperature, masking and special tokens:
+
+* :func:`load_model` / :func:`load_tokenizer` open a local Hugging Face checkpoint (the
+  testbed model or a real one) with clear errors;
+* :func:`generate` samples (or decodes greedily) in memory-bounded, length-sorted batches
+  with an explicit generation config: no top-k / top-p / repetition penalty sneaking in
+  from a checkpoint's ``generation_config.json``, so the sampling distribution is exactly
+  ``softmax(logits / temperature)``, the one :func:`token_logprobs` scores;
+* responses are decoded with special tokens kept (the COAT meta-actions are special
+  tokens); only padding and the end-of-sequence token are removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from satori.errors import SatoriError
+
+
+@dataclass
+class Sample:
+    """One generated response."""
+
+    prompt: str
+    text: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    truncated: bool  # stopped by the length limit, not by an end-of-sequence token
+    index: int = 0  # which prompt it answers
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_model_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise SatoriError(f"model path does not exist: {p}")
+    if not (p / "config.json").is_file():
+        raise SatoriError(f"{p}: not a Hugging Face model folder (no config.json)")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a local folder, set up for batched generation (left padding)."""
+    from transformers import AutoTokenizer
+
+    p = _check_model_path(path)
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise SatoriError(f"{p}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(path: str | Path, dtype: str = "float32", value_head: bool = False) -> Any:
+    """A causal LM from a local folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    p = _check_model_path(path)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise SatoriError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+    model.eval()
+    return model
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a response: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise SatoriError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
+    return sorted(ids)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int, new_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length; each batch holds at most
+    ``batch_size`` rows and at most ``max_batch_tokens`` (prompt + new) tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur, cur_len = [], [], 0
+    for i in order:
+        row = lengths[i] + new_tokens
+        longest = max(cur_len, row)
+        if cur and (len(cur) >= batch_size or longest * (len(cur) + 1) > max_batch_tokens):
+            batches.append(cur)
+            cur, longest = [], row
+        cur.append(i)
+        cur_len = longest
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    n: int = 1,
+    batch_size: int = 64,
+    max_batch_tokens: int = 65536,
+    seed: int | None = 0,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[Sample]:
+    """Sample ``n`` responses for each prompt (greedy when ``temperature == 0``).
+
+    Returns ``len(prompts) * n`` samples ordered by prompt, then by sample. With a seed the
+    result does not depend on how prompts are batched only when decoding is greedy; sampled
+    outputs are reproducible for the same prompts, seed and batch settings.
+    """
+    if temperature < 0:
+        raise SatoriError(f"temperature must be >= 0, got {temperature}")
+    if n < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise SatoriError("n, max_new_tokens and batch_size must be >= 1")
+    from transformers import GenerationConfig
+
+    stop = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    greedy = temperature == 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
+        top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1, eos_token_id=stop, pad_token_id=pad_id,
+        bos_token_id=None,
+    )
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    flat = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    batches = _batches([len(encoded[i]) for i, _ in flat], batch_size, max_batch_tokens, max_new_tokens)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out: list[Sample | None] = [None] * len(flat)
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(flat), desc=desc, unit="sample", leave=False)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            rows = [encoded[flat[k][0]] for k in batch]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[r, width - len(row):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+            new = gen[:, width:].tolist()
+            for r, k in enumerate(batch):
+                i, j = flat[k]
+                resp, truncated = _cut_at_eos(new[r], set(stop))
+                out[k] = Sample(
+                    prompt=prompts[i], text=decode(tokenizer, resp), prompt_ids=encoded[i],
+                    response_ids=resp, truncated=truncated, index=i, meta={"sample": j},
+                )
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return [s for s in out if s is not None]
+
+
+def _cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    """The response up to (excluding) the first end token; truncated when there is none."""
+    for k, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:k], False
+    return tokens, True
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode keeping special tokens (meta-actions) but dropping padding."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.decode([t for t in ids if t != pad], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+
+def token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False, return_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probabilities of ``input_ids[:, 1:]`` under ``softmax(logits / T)``.
+
+    Returns ``{"logp": [B, L-1]}`` (and ``"entropy"``, ``"hidden"`` on request); position
+    ``t`` scores token ``t + 1``. Works with left or right padding: position ids are
+    derived from the attention mask.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=return_hidden, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    target = input_ids[:, 1:]
+    logp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logz
+    result = {"logp": logp}
+    if return_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        result["entropy"] = logz - (probs * logits).sum(-1)
+    if return_hidden:
+        result["hidden"] = out.hidden_states[-1]
+    return result
+
+
+def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   pad_id: int, eos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt + response (+ eos)`` rows with masks for training.
+
+    ``response_mask[b, t]`` is 1 where ``input_ids[b, t + 1]`` is a response token (aligned
+    with :func:`token_logprobs`), so losses never touch prompt or padding positions.
+    """
+    rows = []
+    for p, r in zip(prompt_ids, response_ids):
+        resp = list(r) + ([eos_id] if eos_id is not None else [])
+        rows.append((list(p), resp))
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+    for b, (p, r) in enumerate(rows):
+        seq = p + r
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[b, : len(seq)] = 1
+        resp_mask[b, len(p) - 1: len(seq) - 1] = 1.0
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask}
