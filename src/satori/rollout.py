@@ -116,15 +116,19 @@ def generate(
     n: int = 1,
     batch_size: int = 64,
     max_batch_tokens: int = 65536,
-    seed: int | None = 0,
+    seed: int = 0,
+    prompt_offset: int = 0,
     progress: bool = False,
     desc: str = "generate",
 ) -> list[Sample]:
     """Sample ``n`` responses for each prompt (greedy when ``temperature == 0``).
 
-    Returns ``len(prompts) * n`` samples ordered by prompt, then by sample. With a seed the
-    result does not depend on how prompts are batched only when decoding is greedy; sampled
-    outputs are reproducible for the same prompts, seed and batch settings.
+    Returns ``len(prompts) * n`` samples ordered by prompt, then by sample. Sampling is
+    *batch-invariant*: sample ``j`` of prompt ``i`` draws its randomness from its own
+    generator seeded by ``(seed, prompt_offset + i, j)`` (Gumbel-max over
+    ``logits / temperature``, exactly a draw from ``softmax(logits / temperature)``), so the
+    same seed gives the same samples whatever the batch size or the number of processes
+    (a process passes the global index of its first prompt as ``prompt_offset``).
     """
     if temperature < 0:
         raise SatoriError(f"temperature must be >= 0, got {temperature}")
@@ -134,17 +138,13 @@ def generate(
 
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    greedy = temperature == 0
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
-        top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1, eos_token_id=stop, pad_token_id=pad_id,
-        bos_token_id=None,
+        max_new_tokens=max_new_tokens, do_sample=False, top_k=0, top_p=1.0, temperature=1.0,
+        repetition_penalty=1.0, num_beams=1, eos_token_id=stop, pad_token_id=pad_id, bos_token_id=None,
     )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     flat = [(i, j) for i in range(len(prompts)) for j in range(n)]
     batches = _batches([len(encoded[i]) for i, _ in flat], batch_size, max_batch_tokens, max_new_tokens)
-    if seed is not None:
-        torch.manual_seed(seed)
     out: list[Sample | None] = [None] * len(flat)
     was_training = model.training
     model.eval()
@@ -163,7 +163,14 @@ def generate(
             for r, row in enumerate(rows):
                 ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
                 mask[r, width - len(row):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+            processors = None
+            if temperature > 0:
+                from transformers import LogitsProcessorList
+
+                seeds = [sample_seed(seed, prompt_offset + flat[k][0], flat[k][1]) for k in batch]
+                processors = LogitsProcessorList([GumbelSampler(temperature, seeds)])
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                                 logits_processor=processors)
             new = gen[:, width:].tolist()
             for r, k in enumerate(batch):
                 i, j = flat[k]
@@ -179,6 +186,30 @@ def generate(
             bar.close()
         model.train(was_training)
     return [s for s in out if s is not None]
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample's private random stream."""
+    return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
+
+
+class GumbelSampler:
+    """Logits processor that turns greedy decoding into exact sampling.
+
+    ``argmax(logits / T + Gumbel noise)`` is a draw from ``softmax(logits / T)``; each row
+    draws its noise from its own generator, so a sample does not depend on which other rows
+    share its batch.
+    """
+
+    def __init__(self, temperature: float, seeds: Sequence[int]):
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+        return scores.float() / self.temperature + gumbel
 
 
 def _cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
@@ -197,16 +228,19 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-    return_entropy: bool = False, return_hidden: bool = False,
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, temperature: float = 1.0,
+    return_entropy: bool = False, return_hidden: bool = False, position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token log-probabilities of ``input_ids[:, 1:]`` under ``softmax(logits / T)``.
 
     Returns ``{"logp": [B, L-1]}`` (and ``"entropy"``, ``"hidden"`` on request); position
     ``t`` scores token ``t + 1``. Works with left or right padding: position ids are
-    derived from the attention mask.
+    derived from the attention mask. For packed rows pass ``attention_mask=None`` and
+    ``position_ids`` that restart at 0 for each packed sequence (each then attends only
+    to itself).
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if position_ids is None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=return_hidden, use_cache=False)
     logits = out.logits[:, :-1].float()

@@ -4,7 +4,10 @@ The tokenizer is byte-level BPE, so every string round-trips exactly through enc
 with digits split one per token (numbers are read digit by digit, which small models learn
 far more easily than arbitrary multi-digit tokens). Pre-tokenization only isolates digits and
 does not split at spaces, so frequent phrases ("Step ", " = ", the prompt) become single
-tokens and sequences stay short. Special tokens: ``<|endoftext|>`` (bos and eos) and
+tokens and sequences stay short. Pieces also end after every run of newlines, so a prompt ending in a
+newline tokenizes the same alone as followed by its response (``tok(prompt + response) ==
+tok(prompt) + tok(response)``), and a model never meets a boundary token at inference that it
+did not see in training. Special tokens: ``<|endoftext|>`` (bos and eos) and
 ``<|pad|>``. The model is a small Llama built from a transformers config.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from satori.errors import SatoriError
@@ -51,6 +54,7 @@ def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 1024) -> PreT
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="merged_with_previous"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]

@@ -1,0 +1,294 @@
+"""From-scratch "pretraining" of the testbed base model.
+
+Trains the tokenizer and a tiny Llama on ``plain_prompt(question) + solution + eos`` where the
+solution is the reference solution with arithmetic errors injected at ``error_rate`` per step
+(fresh errors every epoch), with the loss on the response tokens only. The short budget leaves
+the model an imperfect reasoner, the stand-in for a pretrained base model such as
+Qwen2.5-Math-7B. The result (model, tokenizer, ``build_info.json``) is written to a temporary
+directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from satori import __version__
+from satori.data import Problem, plain_prompt
+from satori.errors import SatoriError
+from satori.testbed.checker import check_steps
+from satori.testbed.model import build_model, build_tokenizer, count_parameters
+from satori.testbed.tasks import make_problems, reference_solution
+
+
+@dataclass
+class PretrainConfig:
+    """Every hyperparameter of :func:`pretrain` (plain types, so a CLI can expose them)."""
+
+    seed: int = 0
+    steps: int = 400
+    batch_size: int = 64
+    n_train: int = 0  # problems; 0 means steps * batch_size (each problem seen once)
+    n_valid: int = 256
+    error_rate: float = 0.1
+    model_size: str = "small"
+    vocab_size: int = 1024
+    tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16: bool = True  # bf16 autocast on CPU
+    num_threads: int = 2  # torch threads; 0 leaves the current setting
+    eval_batch_size: int = 128
+    max_new_tokens: int = 96
+    log_every: int = 25
+
+
+def training_text(problem: Problem, solution: str) -> tuple[str, str]:
+    """``(prompt, response)`` of one training example."""
+    return plain_prompt(problem.question), solution
+
+
+def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Token ids of ``prompt + response + eos`` and the prompt length, per pair.
+
+    Prompt and response are tokenized separately, exactly as at inference time.
+    """
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False).input_ids
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return [(p + r + [eos], len(p)) for p, r in zip(prompts, responses)]
+
+
+def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``labels`` (-100 on the prompt and padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, labels
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio * lr`` (``step`` is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def batch_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of indices, grouped by similar length to waste little padding.
+
+    Indices are shuffled, sorted by length within windows of 16 batches, cut into batches,
+    and the batches shuffled again.
+    """
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    bf16: bool = False,
+) -> list[str]:
+    """Responses to plain-text prompts (batched, left padding); special tokens removed."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    out: list[str] = []
+    for b in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=0 if do_sample else None,
+                top_p=1.0 if do_sample else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def greedy_accuracy(
+    model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 128, bf16: bool = False
+) -> dict[str, Any]:
+    """Greedy pass@1 (final answer right, by the checker), overall and per level."""
+    responses = generate(model, tokenizer, [plain_prompt(p.question) for p in problems], max_new_tokens, batch_size, bf16=bf16)
+    by_level: dict[int, list[bool]] = defaultdict(list)
+    steps_ok = 0
+    for p, r in zip(problems, responses):
+        check = check_steps(p, r)
+        by_level[int(p.meta["level"])].append(check.final_correct)
+        steps_ok += check.first_wrong_step is None
+    correct = [c for v in by_level.values() for c in v]
+    return {
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "all_steps_correct": steps_ok / max(1, len(problems)),
+        "accuracy_by_level": {str(k): sum(v) / len(v) for k, v in sorted(by_level.items())},
+        "n": len(problems),
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``, replacing an existing ``out`` (old copy removed last)."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def pretrain(
+    out_dir: str | os.PathLike,
+    config: PretrainConfig | None = None,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train the testbed tokenizer and base model from scratch; write them to ``out_dir``.
+
+    ``overrides`` replace fields of ``config`` (e.g. ``pretrain(out, steps=10, seed=1)``).
+    Deterministic for a seed and thread count. Returns the metrics also written to
+    ``build_info.json``. An existing non-empty ``out_dir`` is replaced only with ``overwrite``.
+    """
+    cfg = config or PretrainConfig()
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise SatoriError(f"unknown pretrain setting(s): {', '.join(unknown)}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SatoriError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SatoriError(f"output directory {out} exists and is not empty (pass overwrite=True to replace it)")
+
+    t_start = time.perf_counter()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    n_train = cfg.n_train or cfg.steps * cfg.batch_size
+    train = make_problems("train", n_train, seed=cfg.seed)
+    valid = make_problems("valid", cfg.n_valid, seed=cfg.seed)
+
+    def epoch_examples(epoch: int) -> list[tuple[list[int], int]]:
+        erng = random.Random(f"{cfg.seed}/epoch/{epoch}")
+        pairs = [training_text(p, reference_solution(p, cfg.error_rate, erng)) for p in train]
+        return encode_examples(tokenizer, pairs)
+
+    t0 = time.perf_counter()
+    corpus_rng = random.Random(f"{cfg.seed}/tokenizer")
+    corpus = [plain_prompt(p.question) + p.solution for p in corpus_rng.sample(train, min(len(train), cfg.tokenizer_corpus))]
+    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    t_tokenizer = time.perf_counter() - t0
+
+    model = build_model(len(tokenizer), cfg.model_size, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        foreach=True,
+    )
+
+    t0 = time.perf_counter()
+    model.train()
+    losses: list[list[float]] = []
+    epoch, examples, batches = 0, [], []
+    n_tokens = 0
+    for step in range(cfg.steps):
+        if not batches:
+            examples = epoch_examples(epoch)
+            batches = batch_order([len(ids) for ids, _ in examples], cfg.batch_size, rng)
+            epoch += 1
+        input_ids, labels = make_batch([examples[i] for i in batches.pop()], tokenizer.pad_token_id)
+        n_tokens += input_ids.numel()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            losses.append([step, round(loss.item(), 4)])
+    t_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    evaluation = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size, bf16=cfg.bf16)
+    t_eval = time.perf_counter() - t0
+
+    metrics = {
+        "satori_version": __version__,
+        "config": dataclasses.asdict(cfg),
+        "n_train_problems": n_train,
+        "epochs": epoch,
+        "n_parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "train_tokens": n_tokens,
+        "final_loss": losses[-1][1],
+        "loss_curve": losses,
+        "valid": evaluation,
+        "seconds": {
+            "tokenizer": round(t_tokenizer, 2),
+            "train": round(t_train, 2),
+            "eval": round(t_eval, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp)
+    metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    (tmp / "build_info.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _replace_dir(tmp, out)
+    return metrics

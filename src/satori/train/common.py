@@ -1,0 +1,254 @@
+"""What every training loop shares: processes, checkpoints, schedules, logging, stopping.
+
+* :func:`make_accelerator` opens a CPU or GPU run, one or several processes (accelerate);
+* :func:`save_checkpoint` writes model, optimizer, scheduler, RNG states and the loop's own
+  state into a temporary folder and renames it into place, so a checkpoint is never
+  half-written and a failed write leaves the previous one usable;
+  :func:`latest_checkpoint` / :func:`load_checkpoint` bring them back for ``--resume``;
+* :class:`MetricsLog` appends one JSON line per step (and writes TensorBoard scalars);
+* :class:`StopSignal` turns SIGTERM / SIGINT into a flag the loop checks, so the loop can
+  checkpoint and exit cleanly;
+* :func:`check_finite` refuses NaN / inf before they reach the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from satori.errors import SatoriError
+from satori.utils import write_json
+
+CKPT_PREFIX = "step-"
+
+
+def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no") -> Any:
+    """An ``accelerate.Accelerator``; on machines without CUDA it runs on the CPU (gloo)."""
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def autocast(enabled: bool, device_type: str = "cpu") -> Any:
+    """bf16 autocast (CPU or CUDA) or a no-op context."""
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def linear_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then linear decay to 0 (LaTRO's schedule)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
+    fn = {"cosine": cosine_lr, "linear": linear_lr, "constant": lambda s, t, w: 1.0}.get(kind)
+    if fn is None:
+        raise SatoriError(f"unknown lr schedule {kind!r} (cosine, linear or constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s, total, warmup))
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints`` (temporary folders ignored)."""
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.json").is_file()]
+    if not done:
+        return None
+    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimizers: dict[str, Any],
+                    state: dict[str, Any], tokenizer: Any = None, keep: int = 2) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically (temporary folder, then rename).
+
+    ``models`` maps names to (unwrapped) modules saved with ``save_pretrained`` when they
+    have it; ``optimizers`` maps names to objects with ``state_dict`` (optimizers,
+    schedulers); ``state`` is the loop's own JSON state. Older checkpoints beyond ``keep``
+    are removed only after the new one is in place.
+    """
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CKPT_PREFIX}{step}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for name, model in models.items():
+            if getattr(model, "save_pretrained", None) is not None:
+                model.save_pretrained(tmp / name, safe_serialization=True)
+            else:
+                torch.save(model.state_dict(), tmp / f"{name}.pt")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optim.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        write_json(tmp / "state.json", {"step": step, **state})  # written last: marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = sorted((p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and p != final),
+                 key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, models: dict[str, Any], optimizers: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer / scheduler state and RNG state; returns the loop state."""
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        folder = path / name
+        if folder.is_dir():
+            files = sorted(folder.glob("*.safetensors"))
+            sd: dict[str, torch.Tensor] = {}
+            for f in files:
+                sd.update(load_file(str(f)))
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            # tied weights are stored once; anything else missing is an error
+            really_missing = [k for k in missing if "lm_head" not in k]
+            if really_missing or unexpected:
+                raise SatoriError(f"{folder}: checkpoint does not match the model "
+                                  f"(missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+        else:
+            model.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
+    opt_states = torch.load(path / "optim.pt", weights_only=False)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(opt_states[name])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (``metrics.jsonl``) plus TensorBoard scalars."""
+
+    def __init__(self, out: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
+                except ImportError:  # pragma: no cover - tensorboard is a dependency
+                    self.writer = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint, so no step appears twice."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
+                 for k, v in metrics.items()}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.writer is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    p = Path(out) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class StopSignal:
+    """Catch SIGTERM / SIGINT so the loop can checkpoint and exit; restores handlers on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def check_finite(name: str, value: torch.Tensor | float) -> bool:
+    """True when ``value`` holds no NaN / inf."""
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    return bool(torch.isfinite(t).all())
+
+
+def grads_finite(model: torch.nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())

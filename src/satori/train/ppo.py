@@ -1,0 +1,488 @@
+"""``satori rl``: Satori's self-improvement stage — PPO with Restart-and-Explore.
+
+One loop, top to bottom, each step:
+
+1. **Initial states.** ``rollout_batch`` states drawn (seeded by the step) from the problems
+   and, with Restart-and-Explore, from the restart buffers built by ``satori rae``: a state
+   is a question plus a response prefix that ends in ``<|reflect|>`` and a restart status
+   (+1 from a correct trajectory, -1 from a wrong one, 0 for an original problem).
+2. **Rollout.** ``n_samples`` continuations per state at ``temperature`` (batch-invariant
+   sampling: the same seed gives the same samples for any batch size or process count).
+3. **Reward** (METHOD.md §3): ``r = r_rule + σ(r_orm) + r_bonus`` on the last response token;
+   the answer of the whole trajectory (prefix + continuation) is graded; a truncated or empty
+   continuation is never correct; optional KL to a frozen reference, in the reward or in the
+   loss (k1 / k2 / k3; coefficient 0 creates no reference model); reward clipping.
+4. **Advantages.** ``gae`` (the paper's PPO: a critic initialised from the ORM, γ, λ) or, as
+   options of the same loop, ``grpo`` / ``rloo`` group baselines over the ``n_samples``
+   continuations of a state (no critic); optional whitening over the batch.
+5. **Update.** ``ppo_epochs`` passes over shuffled mini-batches of ``train_batch``
+   sequences (gradient accumulation over ``micro_batch``): clipped policy loss, clipped
+   value loss. Log-probabilities at update time use the same temperature and masks as the
+   rollout's ``old_logp``.
+6. **Bookkeeping.** Metrics every step (reward and each part, KL, entropy, clip fraction,
+   value loss, response length, reflect / explore rates) to JSONL and TensorBoard; atomic
+   checkpoints every ``save_every`` steps and on SIGTERM; ``resume`` continues exactly.
+
+Multi-process (accelerate): each process rolls out its share of the global batch; losses
+are normalised by global token counts, so the gradient does not depend on the number of
+processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from satori import algos, coat
+from satori.config import check, to_dict
+from satori.data import DataConfig, Problem, build_prompt, load_problems, read_jsonl
+from satori.errors import SatoriError
+from satori.grading import grade_batch
+from satori.rollout import generate, load_model, load_tokenizer, pack_sequences, token_logprobs
+from satori.train.common import (
+    MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
+    make_scheduler, save_checkpoint,
+)
+from satori.utils import seed_everything, set_threads, write_json
+
+ADVANTAGES = ("gae", "grpo", "rloo")
+
+
+@dataclass
+class RLConfig:
+    """``satori rl``: PPO (or GRPO / RLOO) with Restart-and-Explore and the Satori reward."""
+
+    __aliases__: ClassVar[dict[str, str]] = {"data": "data.path"}
+
+    policy: str = field(default="", metadata={"help": "format-tuned model folder"})
+    out: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train"))
+    restart_buffer: str = field(default="", metadata={"help": "initial states JSONL from `satori rae` ('' = no RAE)"})
+    orm: str = field(default="", metadata={"help": "outcome reward model folder ('' = rule reward only)"})
+    critic_init: str = field(default="orm", metadata={"help": "orm or policy"})
+    advantage: str = field(default="gae", metadata={"help": "gae (PPO with critic), grpo or rloo"})
+    n_samples: int = field(default=1, metadata={"help": "continuations per initial state"})
+    steps: int = 20
+    rollout_batch: int = field(default=64, metadata={"help": "initial states per step (global)"})
+    train_batch: int = field(default=32, metadata={"help": "sequences per optimizer step (global)"})
+    micro_batch: int = 16
+    ppo_epochs: int = 1
+    actor_lr: float = 1e-5
+    critic_lr: float = 5e-5
+    warmup_steps: int = 0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    kl_coef: float = 0.0
+    kl_kind: str = "k1"
+    kl_in: str = field(default="reward", metadata={"help": "reward or loss"})
+    beta: float = field(default=0.5, metadata={"help": "reflection bonus"})
+    reward_clip: float = 10.0
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    temperature: float = 0.6
+    max_new_tokens: int = 256
+    max_grad_norm: float = 1.0
+    gen_batch_size: int = 64
+    bf16: bool = False
+    save_every: int = 10
+    max_bad_steps: int = 5
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self) -> None:
+        check(self.advantage in ADVANTAGES, f"advantage must be one of {list(ADVANTAGES)}, got {self.advantage!r}")
+        check(self.critic_init in ("orm", "policy"), f"critic_init must be orm or policy, got {self.critic_init!r}")
+        check(self.kl_kind in algos.KL_KINDS, f"kl_kind must be one of {list(algos.KL_KINDS)}, got {self.kl_kind!r}")
+        check(self.kl_in in ("reward", "loss"), f"kl_in must be reward or loss, got {self.kl_in!r}")
+        for name in ("steps", "rollout_batch", "train_batch", "micro_batch", "ppo_epochs", "n_samples",
+                     "max_new_tokens", "save_every"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        total = self.rollout_batch * self.n_samples
+        check(self.train_batch <= total, f"train_batch ({self.train_batch}) is larger than the rollout "
+              f"batch (rollout_batch × n_samples = {total})")
+        check(self.micro_batch <= self.train_batch, f"micro_batch ({self.micro_batch}) is larger than "
+              f"train_batch ({self.train_batch})")
+        check(self.advantage == "gae" or self.n_samples >= 2,
+              f"advantage={self.advantage} needs n_samples >= 2 (a group per state), got {self.n_samples}")
+        check(self.temperature > 0, f"temperature must be > 0 for RL sampling, got {self.temperature}")
+        check(self.kl_coef >= 0 and self.beta >= 0, "kl_coef and beta must be >= 0")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+
+
+@dataclass
+class State:
+    """An initial state: a problem, a response prefix ('' or ending with <|reflect|>), a status."""
+
+    problem: Problem
+    prefix: str = ""
+    status: int = 0
+
+
+def load_states(cfg: RLConfig, tokenizer: Any) -> list[State]:
+    """The problems (status 0) or, with a restart buffer, every state it holds."""
+    if not cfg.restart_buffer:
+        return [State(p) for p in load_problems(cfg.data)]
+    states = []
+    for i, rec in enumerate(read_jsonl(cfg.restart_buffer), 1):
+        where = f"{cfg.restart_buffer}:{i}"
+        for key in ("id", "question", "answer", "status"):
+            if key not in rec:
+                raise SatoriError(f"{where}: missing field '{key}'")
+        if rec["status"] not in (-1, 0, 1):
+            raise SatoriError(f"{where}: field 'status' must be -1, 0 or 1, got {rec['status']!r}")
+        prob = Problem(id=str(rec["id"]), question=rec["question"], answer=str(rec["answer"]),
+                       meta=dict(rec.get("meta") or {}))
+        states.append(State(prob, rec.get("prefix") or "", int(rec["status"])))
+    if not states:
+        raise SatoriError(f"{cfg.restart_buffer}: no initial states")
+    return states
+
+
+def check_context(states: list[State], tokenizer: Any, model: Any, max_new_tokens: int) -> None:
+    """Refuse states whose prompt + prefix + generation would not fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for s in states:
+        n = len(tokenizer(build_prompt(s.problem, tokenizer) + s.prefix, add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens + 1 > limit:
+            raise SatoriError(f"initial state of problem {s.problem.id!r} has {n} prompt tokens; with "
+                              f"max_new_tokens={max_new_tokens} it exceeds the context of {limit} tokens")
+
+
+def step_states(states: list[State], step: int, size: int, seed: int) -> list[State]:
+    """The ``size`` initial states of step ``step`` (seeded shuffle per pass over the pool)."""
+    out, pos = [], step * size
+    n = len(states)
+    while len(out) < size:
+        epoch, offset = divmod(pos, n)
+        order = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        take = min(size - len(out), n - offset)
+        out.extend(states[i] for i in order[offset: offset + take])
+        pos += take
+    return out
+
+
+def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-position values aligned with ``token_logprobs`` (value of the state before token t+1)."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = critic(input_ids=ids, attention_mask=attn, position_ids=position_ids)
+    return out.logits[:, :-1, 0].float()
+
+
+def load_critic(path: str) -> Any:
+    """A per-token value model: the ORM's (or policy's) backbone with a scalar ``score`` head."""
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+    critic.config.use_cache = False
+    return critic
+
+
+def run_rl(cfg: RLConfig) -> dict[str, Any]:
+    """Train the policy; writes the final policy (and critic) into ``cfg.out``."""
+    for name in ("policy", "out"):
+        if not getattr(cfg, name):
+            raise SatoriError(f"--{name} is required")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    acc = make_accelerator()
+    out = Path(cfg.out)
+    world, rank = acc.num_processes, acc.process_index
+    check(cfg.rollout_batch % world == 0, f"rollout_batch ({cfg.rollout_batch}) must be divisible by the "
+          f"number of processes ({world})")
+    check(cfg.train_batch % world == 0 and (cfg.train_batch // world) % min(cfg.micro_batch, cfg.train_batch // world)
+          == 0, f"train_batch ({cfg.train_batch}) must split evenly over {world} processes and micro_batch")
+    tokenizer = load_tokenizer(cfg.policy)
+    coat.coat_token_ids(tokenizer)  # the policy must know the meta-actions (format tuning adds them)
+    policy = load_model(cfg.policy)
+    policy.config.use_cache = False
+    states = load_states(cfg, tokenizer)
+    check_context(states, tokenizer, policy, cfg.max_new_tokens)
+
+    orm = None
+    if cfg.orm:
+        from satori.train.orm import check_same_tokenizer, load_orm
+
+        orm_tok = load_tokenizer(cfg.orm)
+        check_same_tokenizer(tokenizer, orm_tok, where=f"ORM {cfg.orm} vs policy {cfg.policy}")
+        orm = load_orm(cfg.orm)
+    critic = None
+    if cfg.advantage == "gae":
+        init = cfg.orm if cfg.critic_init == "orm" and cfg.orm else cfg.policy
+        critic = load_critic(init)
+        critic.train()
+    ref = None
+    if cfg.kl_coef > 0:
+        ref = load_model(cfg.policy)
+        ref.requires_grad_(False)
+
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=0.0)
+    updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch * cfg.n_samples // cfg.train_batch)
+    sched = make_scheduler(opt, "constant" if not cfg.warmup_steps else "cosine",
+                           cfg.steps * updates_per_step, cfg.warmup_steps * updates_per_step)
+    models: dict[str, Any] = {"policy": policy}
+    optims: dict[str, Any] = {"policy_opt": opt, "policy_sched": sched}
+    critic_opt = None
+    if critic is not None:
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+        models["critic"] = critic
+        optims["critic_opt"] = critic_opt
+
+    start, bad_steps = 0, 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, models, optims)
+        start, bad_steps = state["step"], state.get("bad_steps", 0)
+    policy, opt = acc.prepare(policy, opt)
+    if critic is not None:
+        critic, critic_opt = acc.prepare(critic, critic_opt)
+    log = MetricsLog(out, enabled=acc.is_main_process)
+    log.truncate_after(start)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    t0 = time.time()
+    result: dict[str, Any] = {}
+
+    def checkpoint(step: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unwrapped = {"policy": acc.unwrap_model(policy)}
+            if critic is not None:
+                unwrapped["critic"] = acc.unwrap_model(critic)
+            save_checkpoint(out, step, unwrapped, optims, {"bad_steps": bad_steps, "config": to_dict(cfg)})
+        acc.wait_for_everyone()
+
+    with StopSignal() as stop:
+        for step in range(start, cfg.steps):
+            # ---- 1. initial states of this step; this process's share
+            per_proc = cfg.rollout_batch // world
+            chosen = step_states(states, step, cfg.rollout_batch, cfg.seed)[rank * per_proc:(rank + 1) * per_proc]
+            prompts = [build_prompt(s.problem, tokenizer) + s.prefix for s in chosen]
+
+            # ---- 2. rollout
+            unwrapped_policy = acc.unwrap_model(policy)
+            unwrapped_policy.config.use_cache = True
+            samples = generate(unwrapped_policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, n=cfg.n_samples, batch_size=cfg.gen_batch_size,
+                               seed=cfg.seed * 100_003 + step, prompt_offset=rank * per_proc)
+            unwrapped_policy.config.use_cache = False
+            unwrapped_policy.train()
+
+            # ---- 3. reward
+            sstate = [chosen[s.index] for s in samples]
+            full = [st.prefix + s.text for st, s in zip(sstate, samples)]
+            empty = [not s.text.strip() for s in samples]
+            graded = grade_batch(full, [st.problem.answer for st in sstate],
+                                 truncated=[s.truncated or e for s, e in zip(samples, empty)],
+                                 last_number_fallback=False)
+            correct = torch.tensor([ok for _, ok in graded], dtype=torch.bool)
+            orm_scores = None
+            if orm is not None:
+                from satori.train.orm import score_sequences
+
+                orm_scores = score_sequences(orm, tokenizer, [build_prompt(st.problem, tokenizer) for st in sstate],
+                                             full, batch_size=cfg.gen_batch_size).float()
+            status = torch.tensor([st.status for st in sstate], dtype=torch.long)
+            parts = algos.satori_reward(correct, orm_scores, status, beta=cfg.beta, use_orm=orm is not None)
+            if not torch.isfinite(parts["total"]).all():
+                raise SatoriError(f"step {step + 1}: the reward is NaN or inf (ORM scores: "
+                                  f"{None if orm_scores is None else orm_scores.tolist()[:8]}); refusing to train on it")
+
+            # ---- pack sequences, old log-probs, reference log-probs, values
+            batch = pack_sequences([s.prompt_ids for s in samples],
+                                   [s.response_ids + ([] if s.truncated else [eos_id]) for s in samples],
+                                   pad_id=pad_id)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            mask = batch["response_mask"]
+            with torch.no_grad(), autocast(cfg.bf16):
+                old_logp = token_logprobs(policy, batch["input_ids"], batch["attention_mask"],
+                                          temperature=cfg.temperature)["logp"].float()
+                ref_logp = (token_logprobs(ref, batch["input_ids"], batch["attention_mask"],
+                                           temperature=cfg.temperature)["logp"].float() if ref is not None else None)
+                old_values = values_of(critic, batch) if critic is not None else None
+            kl_reward = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
+            token_r = algos.token_rewards(parts["total"].to(acc.device), mask, old_logp, ref_logp,
+                                          kl_coef=kl_reward if ref is not None else 0.0, kl_kind=cfg.kl_kind,
+                                          clip=cfg.reward_clip)
+
+            # ---- 4. advantages
+            if cfg.advantage == "gae":
+                adv, returns = algos.gae(token_r, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            else:
+                seq_r = algos.masked_sum(token_r, mask, dim=1)
+                fn = algos.grpo_advantages if cfg.advantage == "grpo" else algos.rloo_advantages
+                adv = fn(seq_r, cfg.n_samples).unsqueeze(1) * mask
+                returns = None
+            if cfg.whiten_advantages:
+                adv = _global_whiten(acc, adv, mask)
+
+            # ---- 5. PPO update
+            stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, batch, old_logp, ref_logp,
+                                old_values, adv, returns, step)
+            if stats is None:
+                bad_steps += 1
+                log.log(step + 1, {"skipped_nonfinite": 1})
+                if bad_steps > cfg.max_bad_steps:
+                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf losses or gradients "
+                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); last good checkpoint: "
+                                      f"{latest_checkpoint(out)}")
+                continue
+
+            # ---- 6. metrics, checkpoints
+            beh = [coat.behaviour(s.text) for s in samples]
+            sums = {
+                "reward": parts["total"], "reward_rule": parts["rule"], "reward_orm": parts["orm"],
+                "reward_bonus": parts["bonus"], "accuracy": correct.float(),
+                "response_length": torch.tensor([float(len(s.response_ids)) for s in samples]),
+                "truncated": torch.tensor([float(s.truncated) for s in samples]),
+                "reflect_rate": torch.tensor([float(b["reflects"]) for b in beh]),
+                "explore_rate": torch.tensor([float(b["explores"]) for b in beh]),
+            }
+            metrics = _global_means(acc, {k: (v.float().sum(), len(samples)) for k, v in sums.items()})
+            for st_val, name in ((-1, "accuracy_from_wrong"), (1, "accuracy_from_correct"), (0, "accuracy_from_start")):
+                sel = status == st_val
+                metrics.update(_global_means(acc, {name: (correct[sel].float().sum(), int(sel.sum()))}))
+            if ref_logp is not None:
+                metrics.update(_global_means(acc, {"kl": ((old_logp - ref_logp).mul(mask).sum(), float(mask.sum()))}))
+            metrics.update(stats)
+            metrics.update(lr=sched.get_last_lr()[0], elapsed=time.time() - t0)
+            log.log(step + 1, metrics)
+            result = metrics
+            done = step + 1
+            if done % cfg.save_every == 0 and done < cfg.steps:
+                checkpoint(done)
+            if stop.requested:
+                checkpoint(done)
+                log.close()
+                raise SatoriError(f"stopped by signal at step {done}; resume with --resume")
+    log.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = acc.unwrap_model(policy)
+        final.config.use_cache = True
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if critic is not None:
+            acc.unwrap_model(critic).save_pretrained(out / "critic", safe_serialization=True)
+        write_json(out / "rl_result.json", {"config": to_dict(cfg), "last_step": result,
+                                             "seconds": round(time.time() - t0, 2), "bad_steps": bad_steps})
+    acc.wait_for_everyone()
+    return result
+
+
+def _global_whiten(acc: Any, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whiten advantages over the *global* batch (all processes), padding untouched."""
+    if acc.num_processes == 1:
+        return algos.masked_whiten(adv, mask)
+    s = acc.reduce(algos.masked_sum(adv, mask).reshape(1), reduction="sum")
+    n = acc.reduce(mask.sum().reshape(1), reduction="sum")
+    mean = s / n
+    var = acc.reduce(algos.masked_sum((adv - mean) ** 2, mask).reshape(1), reduction="sum") / (n - 1).clamp(min=1)
+    return (adv - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, critic_opt: Any, sched: Any,
+                batch: dict[str, torch.Tensor], old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                old_values: torch.Tensor | None, adv: torch.Tensor, returns: torch.Tensor | None,
+                step: int) -> dict[str, float] | None:
+    """``ppo_epochs`` passes of clipped-surrogate updates over shuffled mini-batches.
+
+    Each mini-batch loss is a token mean over the mini-batch's *global* token count, so
+    micro-batching and the number of processes do not change the gradient. Returns the
+    averaged statistics, or None when a loss or gradient was not finite (nothing applied).
+    """
+    world = acc.num_processes
+    n_local = batch["input_ids"].shape[0]
+    mb_local = cfg.train_batch // world
+    micro = min(cfg.micro_batch, mb_local)
+    mask = batch["response_mask"]
+    totals: dict[str, float] = {}
+    count = 0
+    g = torch.Generator().manual_seed(cfg.seed * 31 + step)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n_local, generator=g)
+        for mb_start in range(0, n_local - mb_local + 1, mb_local):
+            mb = order[mb_start: mb_start + mb_local]
+            mb_tokens = acc.reduce(mask[mb].sum().reshape(1), reduction="sum").clamp(min=1)
+            mb_stats: dict[str, float] = {}
+            for m_start in range(0, mb_local, micro):
+                idx = mb[m_start: m_start + micro]
+                ids, attn, m = batch["input_ids"][idx], batch["attention_mask"][idx], mask[idx]
+                weight = m.sum() / mb_tokens * world  # token-mean over the global mini-batch (DDP averages)
+                last = m_start + micro >= mb_local
+                with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
+                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature,
+                                         return_entropy=True)
+                    logp = out["logp"].float()
+                    pg, st = algos.policy_loss(logp, old_logp[idx], adv[idx], m, clip_eps=cfg.clip)
+                    loss = pg
+                    if ref_logp is not None and cfg.kl_in == "loss":
+                        kl = algos.masked_mean(algos.kl_penalty(logp, ref_logp[idx], cfg.kl_kind), m)
+                        loss = loss + cfg.kl_coef * kl
+                        _add(mb_stats, "kl_loss", float(kl) * float(weight) / world)
+                    ent = algos.masked_mean(out["entropy"].float(), m)
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * ent
+                    acc.backward(loss * weight)
+                _add(mb_stats, "policy_loss", float(pg) * float(weight) / world)
+                _add(mb_stats, "clipfrac", float(st["clipfrac"]) * float(weight) / world)
+                _add(mb_stats, "approx_kl", float(st["approx_kl"]) * float(weight) / world)
+                _add(mb_stats, "entropy", float(ent) * float(weight) / world)
+                if critic is not None:
+                    with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
+                        values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
+                        vl, vst = algos.value_loss(values, old_values[idx], returns[idx], m,
+                                                   clip_eps=cfg.value_clip if cfg.value_clip > 0 else None)
+                        acc.backward(vl * weight)
+                    _add(mb_stats, "value_loss", float(vl) * float(weight) / world)
+                    _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * float(weight) / world)
+            finite = all(math.isfinite(v) for v in mb_stats.values()) and grads_finite(policy) and (
+                critic is None or grads_finite(critic))
+            if not finite:
+                opt.zero_grad(set_to_none=True)
+                if critic_opt is not None:
+                    critic_opt.zero_grad(set_to_none=True)
+                return None
+            mb_stats["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if critic is not None:
+                acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                critic_opt.step()
+                critic_opt.zero_grad(set_to_none=True)
+            for k, v in mb_stats.items():
+                _add(totals, k, v)
+            count += 1
+    # per-process partial sums -> global values
+    return {k: float(acc.reduce(torch.tensor(v / max(1, count), device=acc.device), reduction="sum"))
+            if k != "grad_norm" else v / max(1, count) for k, v in totals.items()}
+
+
+def _global_means(acc: Any, parts: dict[str, tuple[torch.Tensor, float]]) -> dict[str, float]:
+    """Means over all processes from per-process (sum, count); keys with no data are left out."""
+    out = {}
+    for key, (total, n) in parts.items():
+        pair = torch.tensor([float(total), float(n)], device=acc.device)
+        pair = acc.reduce(pair, reduction="sum")
+        if pair[1] > 0:
+            out[key] = float(pair[0] / pair[1])
+    return out
+
+
+def _add(d: dict[str, float], key: str, value: float) -> None:
+    d[key] = d.get(key, 0.0) + value

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models built from configs (never a hub), small testbed data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def _corpus(n: int = 200) -> list[str]:
+    from satori.data import plain_prompt
+    from satori.testbed.tasks import make_problems, reference_solution
+
+    return [plain_prompt(p.question) + reference_solution(p) for p in make_problems("train", n, seed=0)]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """An untrained tiny Llama + testbed tokenizer, saved like any Hugging Face model."""
+    from satori.testbed.model import build_model, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    tok = build_tokenizer(_corpus(), vocab_size=400)
+    torch.manual_seed(0)
+    model = build_model(len(tok), size="tiny", tokenizer=tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_coat(tiny_base, tmp_path_factory) -> Path:
+    """The tiny model with the COAT tokens added (as after format tuning)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from satori.coat import add_coat_tokens
+
+    out = tmp_path_factory.mktemp("tiny_coat")
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    add_coat_tokens(tok, model)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def sft_jsonl(tmp_path) -> Path:
+    """Question / response records from testbed reference solutions."""
+    from satori.testbed.tasks import make_problems, reference_solution
+
+    path = tmp_path / "sft.jsonl"
+    with path.open("w") as fh:
+        for p in make_problems("train", 24, seed=1):
+            fh.write(json.dumps({"question": p.question, "response": reference_solution(p)}) + "\n")
+    return path
