@@ -55,10 +55,18 @@ def _cmd_pretrain(cfg: Any, args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argparse.Namespace], None]:
+    def run(cfg: Any, args: argparse.Namespace) -> None:
+        print(json.dumps(fn(cfg), indent=2, default=str))
+    return run
+
+
 def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], None], str, Callable | None]]:
     """name -> (config class, runner, help, extra-argument adder)."""
     from satori.evaluate import EvalConfig
     from satori.testbed.pretrain import PretrainConfig
+    from satori.train.ppo import RLConfig, run_rl
+    from satori.train.sft import SFTConfig, run_sft
 
     def grade_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("input", help="JSONL file of records to grade")
@@ -67,6 +75,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
         "grade": (GradeConfig, _cmd_grade, "grade responses in a JSONL file", grade_args),
         "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
         "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
+        "sft": (SFTConfig, _print_result(run_sft), "supervised fine-tuning: format tuning, distillation, "
+                "SFT baselines", None),
+        "rl": (RLConfig, _print_result(run_rl), "PPO (or GRPO / RLOO) with Restart-and-Explore and the "
+               "Satori reward", None),
     }
 
 

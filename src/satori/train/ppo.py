@@ -433,22 +433,22 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                     if ref_logp is not None and cfg.kl_in == "loss":
                         kl = algos.masked_mean(algos.kl_penalty(logp, ref_logp[idx], cfg.kl_kind), m)
                         loss = loss + cfg.kl_coef * kl
-                        _add(mb_stats, "kl_loss", float(kl) * float(weight) / world)
+                        _add(mb_stats, "kl_loss", float(kl.detach()) * float(weight) / world)
                     ent = algos.masked_mean(out["entropy"].float(), m)
                     if cfg.entropy_coef > 0:
                         loss = loss - cfg.entropy_coef * ent
                     acc.backward(loss * weight)
-                _add(mb_stats, "policy_loss", float(pg) * float(weight) / world)
+                _add(mb_stats, "policy_loss", float(pg.detach()) * float(weight) / world)
                 _add(mb_stats, "clipfrac", float(st["clipfrac"]) * float(weight) / world)
                 _add(mb_stats, "approx_kl", float(st["approx_kl"]) * float(weight) / world)
-                _add(mb_stats, "entropy", float(ent) * float(weight) / world)
+                _add(mb_stats, "entropy", float(ent.detach()) * float(weight) / world)
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
                         vl, vst = algos.value_loss(values, old_values[idx], returns[idx], m,
                                                    clip_eps=cfg.value_clip if cfg.value_clip > 0 else None)
                         acc.backward(vl * weight)
-                    _add(mb_stats, "value_loss", float(vl) * float(weight) / world)
+                    _add(mb_stats, "value_loss", float(vl.detach()) * float(weight) / world)
                     _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * float(weight) / world)
             finite = all(math.isfinite(v) for v in mb_stats.values()) and grads_finite(policy) and (
                 critic is None or grads_finite(critic))

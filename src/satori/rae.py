@@ -1,0 +1,340 @@
+"""``satori rae``: Restart-and-Explore initial states for RL (METHOD.md §3).
+
+The format-tuned policy samples ``k`` solutions per problem (or an existing graded samples
+file is read). For each problem we pick, with a seeded RNG, one correct and one wrong
+trajectory, cut off its last ``T`` COAT steps (``T`` drawn uniformly from
+``0..min(t_max, n_steps - 1)``, so at least one step always stays) and append
+``<|reflect|>``. The cut of a correct trajectory goes to the positive restart buffer
+(status ``+1``), the cut of a wrong one to the negative buffer (status ``-1``); every
+original problem is also an initial state (status ``0``, empty prefix). RL samples its
+initial states from this merged set; the reward bonus depends on the status.
+
+Choices made here, each one deliberate:
+
+* **Step boundaries** are the meta-action tokens (:func:`satori.coat.parse_steps`); a
+  response without tokens is one step, so only ``T = 0`` is possible for it.
+* **The final-answer step is a step like any other.** ``T = 0`` keeps the whole response,
+  boxed answer included, and the model is asked to reflect on its finished answer;
+  ``T >= 1`` removes the answer step and the ``T - 1`` steps before it, so the model
+  reflects on unfinished reasoning.
+* **Truncated samples** (hit the length limit without an end token) and blank ones are
+  never restart sources: they have no final step to reflect on.
+* **The context check** counts ``prompt tokens + prefix tokens`` with the policy's
+  tokenizer against ``max_prompt_tokens`` (or ``max_position_embeddings - max_new_tokens``);
+  a state that does not fit is refused with an error naming it, or dropped and counted
+  with ``on_overflow: skip``.
+
+Outputs in ``out``: ``initial_states.jsonl`` (``id``, ``question``, ``answer``, ``prefix``,
+``status``, ``T``, ``meta``), ``rae_stats.json`` and, when the policy was sampled,
+``samples.jsonl`` (one graded sample per line; ``satori rae --samples`` reads it back).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from satori.coat import REFLECT, coat_token_ids, parse_steps, render_steps
+from satori.config import check, to_dict
+from satori.data import DataConfig, Problem, build_prompt, load_problems, read_jsonl
+from satori.errors import SatoriError
+from satori.grading import grade_batch
+from satori.rollout import generate, load_model, load_tokenizer
+from satori.utils import seed_everything, set_threads, write_json, write_jsonl
+
+STATUS_ORIGINAL, STATUS_POSITIVE, STATUS_NEGATIVE = 0, 1, -1
+
+
+@dataclass
+class RAEConfig:
+    """``satori rae``: build the Restart-and-Explore initial states for PPO."""
+
+    __aliases__: ClassVar[dict[str, str]] = {"data": "data.path"}
+
+    policy: str = field(default="", metadata={"help": "format-tuned model folder (sampler, tokenizer, context size)"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train"))
+    out: str = field(default="", metadata={"help": "output folder"})
+    samples: str = field(default="", metadata={"help": "graded samples JSONL (id or question, response, correct); "
+                                                       "skips sampling the policy"})
+    k: int = field(default=8, metadata={"help": "samples per problem"})
+    temperature: float = 1.0
+    max_new_tokens: int = field(default=400, metadata={"help": "sampling length; also the RL generation budget the "
+                                                               "states must leave room for"})
+    gen_batch_size: int = 64
+    t_max: int = field(default=2, metadata={"help": "cut back T in 0..t_max steps"})
+    include_originals: bool = field(default=True, metadata={"help": "add each problem itself (status 0)"})
+    max_prompt_tokens: int = field(default=0, metadata={"help": "limit on prompt + prefix tokens "
+                                                                  "(0: max_position_embeddings - max_new_tokens)"})
+    on_overflow: str = field(default="raise", metadata={"help": "raise or skip states that do not fit"})
+    last_number_fallback: bool = False
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self) -> None:
+        check(self.k > 0, f"k must be > 0, got {self.k}")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        check(self.gen_batch_size > 0, f"gen_batch_size must be > 0, got {self.gen_batch_size}")
+        check(self.t_max >= 0, f"t_max must be >= 0, got {self.t_max}")
+        check(self.max_prompt_tokens >= 0, f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
+        check(self.on_overflow in ("raise", "skip"), f"on_overflow must be raise or skip, got {self.on_overflow!r}")
+
+
+# --------------------------------------------------------------------------- graded samples
+
+
+def sample_graded(model: Any, tokenizer: Any, problems: Sequence[Problem], *, k: int, temperature: float,
+                  max_new_tokens: int, seed: int, batch_size: int = 64, last_number_fallback: bool = False,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Sample ``k`` responses per problem and grade them: one flat record per sample
+    (``id``, ``question``, ``answer``, ``response``, ``correct``, ``truncated``, ``sample``)."""
+    prompts = [build_prompt(p, tokenizer) for p in problems]
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, n=k,
+                       batch_size=batch_size, seed=seed, progress=progress, desc=f"sample k={k}")
+    graded = grade_batch([s.text for s in samples], [problems[s.index].answer for s in samples],
+                         truncated=[s.truncated for s in samples], last_number_fallback=last_number_fallback)
+    return [{"id": problems[s.index].id, "question": problems[s.index].question, "answer": problems[s.index].answer,
+             "response": s.text, "correct": bool(ok), "truncated": s.truncated, "sample": s.meta["sample"]}
+            for s, (_, ok) in zip(samples, graded)]
+
+
+def read_samples(path: str | Path, last_number_fallback: bool = False) -> list[dict[str, Any]]:
+    """Graded samples from a JSONL file: each line needs ``response``, ``id`` or ``question``,
+    and ``correct`` (a bool) or an ``answer`` to grade against. Errors name the line."""
+    records = read_jsonl(path)
+    if not records:
+        raise SatoriError(f"{path}: no samples")
+    to_grade = []
+    for i, rec in enumerate(records, 1):
+        where = f"{path}:{i}"
+        if not isinstance(rec.get("response"), str):
+            raise SatoriError(f"{where}: missing or non-text field 'response'")
+        if not isinstance(rec.get("id"), (str, int)) and not isinstance(rec.get("question"), str):
+            raise SatoriError(f"{where}: a sample needs an 'id' or a 'question'")
+        if "correct" in rec:
+            if not isinstance(rec["correct"], bool):
+                raise SatoriError(f"{where}: field 'correct' must be true or false, got {rec['correct']!r}")
+        elif isinstance(rec.get("answer"), (str, int, float)) and not isinstance(rec.get("answer"), bool):
+            to_grade.append(i - 1)
+        else:
+            raise SatoriError(f"{where}: needs a 'correct' flag or an 'answer' to grade against")
+    if to_grade:
+        res = grade_batch([records[j]["response"] for j in to_grade], [str(records[j]["answer"]) for j in to_grade],
+                          truncated=[bool(records[j].get("truncated", False)) for j in to_grade],
+                          last_number_fallback=last_number_fallback)
+        for j, (_, ok) in zip(to_grade, res):
+            records[j]["correct"] = bool(ok)
+    out = []
+    for rec in records:
+        r = dict(rec)
+        if "id" in r:
+            r["id"] = str(r["id"])
+        r["truncated"] = bool(r.get("truncated", False))
+        out.append(r)
+    return out
+
+
+def group_samples(problems: Sequence[Problem], samples: Sequence[dict[str, Any]]
+                  ) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Samples per problem id, matched by ``id`` (else by question text); also the number of
+    samples that match no problem. A sample whose id matches but whose question differs is
+    refused: it was sampled on another problem set."""
+    by_id = {p.id: p for p in problems}
+    by_question = {p.question: p.id for p in problems}
+    groups: dict[str, list[dict[str, Any]]] = {p.id: [] for p in problems}
+    unmatched = 0
+    for s in samples:
+        sid = s.get("id")
+        if sid is not None and sid in by_id:
+            q = s.get("question")
+            if isinstance(q, str) and q.strip() != by_id[sid].question.strip():
+                raise SatoriError(f"sample for problem {sid!r} has a different question than the problem set; "
+                                  "were the samples made on other data?")
+            groups[sid].append(s)
+        elif isinstance(s.get("question"), str) and s["question"].strip() in by_question:
+            groups[by_question[s["question"].strip()]].append(s)
+        else:
+            unmatched += 1
+    return groups, unmatched
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+def cut_trajectory(response: str, t: int) -> str:
+    """``response`` without its last ``t`` COAT steps, followed by ``<|reflect|>``.
+
+    ``t = 0`` keeps every step (the final answer included). Refuses ``t`` that would cut
+    away every step, and blank responses.
+    """
+    steps = parse_steps(response)
+    if not steps:
+        raise SatoriError("cannot cut a blank response")
+    if not 0 <= t < len(steps):
+        raise SatoriError(f"cannot cut back {t} steps from a response with {len(steps)} step(s)")
+    return render_steps(steps[: len(steps) - t]) + REFLECT
+
+
+def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_max: int,
+                   rng: random.Random) -> dict[str, Any]:
+    n_steps = len(parse_steps(sample["response"]))
+    t = rng.randint(0, min(t_max, n_steps - 1))
+    tag = "pos" if status == STATUS_POSITIVE else "neg"
+    return {
+        "id": f"{problem.id}/{tag}", "question": problem.question, "answer": problem.answer,
+        "prefix": cut_trajectory(sample["response"], t), "status": status, "T": t,
+        "meta": {**problem.meta, "problem_id": problem.id, "sample": sample.get("sample"), "n_steps": n_steps},
+    }
+
+
+def build_initial_states(problems: Sequence[Problem], samples: Sequence[dict[str, Any]], t_max: int,
+                         rng: random.Random, include_originals: bool = True) -> list[dict[str, Any]]:
+    """The merged initial states: originals (status 0), then the positive buffer (+1), then
+    the negative buffer (-1), each in problem order.
+
+    Per problem, in this order of RNG draws: choose a correct sample, draw its ``T``; choose
+    a wrong sample, draw its ``T``. Truncated and blank samples are never chosen; samples
+    matching no problem are ignored (see :func:`group_samples`).
+    """
+    groups, _ = group_samples(problems, samples)
+    positive, negative = [], []
+    for p in problems:
+        usable = [s for s in groups[p.id] if not s.get("truncated") and parse_steps(s["response"])]
+        correct = [s for s in usable if s["correct"]]
+        wrong = [s for s in usable if not s["correct"]]
+        if correct:
+            positive.append(_restart_state(p, rng.choice(correct), STATUS_POSITIVE, t_max, rng))
+        if wrong:
+            negative.append(_restart_state(p, rng.choice(wrong), STATUS_NEGATIVE, t_max, rng))
+    originals = [{"id": p.id, "question": p.question, "answer": p.answer, "prefix": "",
+                  "status": STATUS_ORIGINAL, "T": None, "meta": {**p.meta, "problem_id": p.id}}
+                 for p in problems] if include_originals else []
+    return originals + positive + negative
+
+
+# --------------------------------------------------------------------------- context check
+
+
+def state_prompt(state: dict[str, Any], tokenizer: Any) -> str:
+    """The prompt a state starts from (before its prefix), exactly as RL builds it."""
+    problem = Problem(id=str(state["meta"].get("problem_id", state["id"])), question=state["question"],
+                      answer=state["answer"], meta=state["meta"])
+    return build_prompt(problem, tokenizer)
+
+
+def state_tokens(state: dict[str, Any], tokenizer: Any) -> tuple[int, int]:
+    """(prompt tokens, prefix tokens) of an initial state."""
+    n_prompt = len(tokenizer(state_prompt(state, tokenizer), add_special_tokens=False)["input_ids"])
+    n_prefix = len(tokenizer(state["prefix"], add_special_tokens=False)["input_ids"]) if state["prefix"] else 0
+    return n_prompt, n_prefix
+
+
+def check_fit(states: list[dict[str, Any]], tokenizer: Any, limit: int, on_overflow: str = "raise"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """Split states into (kept, dropped, prefix token counts of the kept restart states).
+
+    A state whose prompt + prefix exceeds ``limit`` tokens raises ``SatoriError`` naming it,
+    or is dropped with ``on_overflow == "skip"``.
+    """
+    kept, dropped, prefix_tokens = [], [], []
+    for s in states:
+        n_prompt, n_prefix = state_tokens(s, tokenizer)
+        if n_prompt + n_prefix > limit:
+            if on_overflow != "skip":
+                raise SatoriError(
+                    f"initial state {s['id']} (problem {s['meta'].get('problem_id', s['id'])}): prompt + prefix is "
+                    f"{n_prompt + n_prefix} tokens, more than the limit of {limit}; lower --t-max, raise "
+                    "--max-prompt-tokens, or use --on-overflow skip")
+            dropped.append(s)
+            continue
+        kept.append(s)
+        if s["status"] != STATUS_ORIGINAL:
+            prefix_tokens.append(n_prefix)
+    return kept, dropped, prefix_tokens
+
+
+def prompt_limit(policy: str, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_prompt_tokens`` when set, else the policy's context size minus the generation budget."""
+    if max_prompt_tokens > 0:
+        return max_prompt_tokens
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(policy, local_files_only=True).get_text_config()
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        raise SatoriError(f"{policy}: config has no max_position_embeddings; set --max-prompt-tokens")
+    limit = context - max_new_tokens
+    if limit <= 0:
+        raise SatoriError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"{context}-token context")
+    return limit
+
+
+def state_stats(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per status and the histogram of ``T`` per buffer."""
+    by_status = Counter(str(s["status"]) for s in states)
+    t_hist: dict[str, dict[str, int]] = {}
+    for status in (STATUS_POSITIVE, STATUS_NEGATIVE):
+        c = Counter(s["T"] for s in states if s["status"] == status)
+        t_hist[str(status)] = {str(t): c[t] for t in sorted(c)}
+    return {"states": len(states), "by_status": {k: by_status.get(k, 0) for k in ("0", "1", "-1")},
+            "t_hist": t_hist}
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run_rae(cfg: RAEConfig) -> dict[str, Any]:
+    """Sample (or read) graded trajectories, build and check the initial states, write them."""
+    for name in ("policy", "out"):
+        if not getattr(cfg, name):
+            raise SatoriError(f"--{name} is required")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t0 = time.time()
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.policy)
+    coat_token_ids(tokenizer)  # the policy must know <|reflect|> as one token (format-tuned)
+    limit = prompt_limit(cfg.policy, cfg.max_prompt_tokens, cfg.max_new_tokens)
+    problems = load_problems(cfg.data)
+    if not problems:
+        raise SatoriError(f"{cfg.data.path}: no problems")
+    if cfg.samples:
+        samples = read_samples(cfg.samples, cfg.last_number_fallback)
+    else:
+        model = load_model(cfg.policy)
+        samples = sample_graded(model, tokenizer, problems, k=cfg.k, temperature=cfg.temperature,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.gen_batch_size,
+                                last_number_fallback=cfg.last_number_fallback)
+        del model
+        write_jsonl(out / "samples.jsonl", samples)
+    groups, unmatched = group_samples(problems, samples)
+    states = build_initial_states(problems, samples, cfg.t_max, random.Random(cfg.seed), cfg.include_originals)
+    kept, dropped, prefix_tokens = check_fit(states, tokenizer, limit, cfg.on_overflow)
+    usable = {pid: [s for s in g if not s.get("truncated") and parse_steps(s["response"])]
+              for pid, g in groups.items()}
+    stats = state_stats(kept)
+    stats.update({
+        "problems": len(problems),
+        "samples": len(samples),
+        "sample_accuracy": sum(bool(s["correct"]) for g in groups.values() for s in g)
+        / max(1, sum(len(g) for g in groups.values())),
+        "problems_with_correct": sum(any(s["correct"] for s in g) for g in usable.values()),
+        "problems_with_wrong": sum(any(not s["correct"] for s in g) for g in usable.values()),
+        "problems_without_samples": sum(not g for g in groups.values()),
+        "unmatched_samples": unmatched,
+        "skipped_truncated_or_blank": sum(len(groups[p]) - len(usable[p]) for p in groups),
+        "dropped_overflow": len(dropped),
+        "dropped_by_status": dict(Counter(str(s["status"]) for s in dropped)),
+        "prompt_limit": limit,
+        "mean_prefix_tokens": sum(prefix_tokens) / len(prefix_tokens) if prefix_tokens else 0.0,
+        "max_prefix_tokens": max(prefix_tokens, default=0),
+        "seconds": round(time.time() - t0, 2),
+    })
+    write_jsonl(out / "initial_states.jsonl", kept)
+    write_json(out / "rae_stats.json", {"config": to_dict(cfg), "stats": stats})
+    return stats

@@ -1,0 +1,293 @@
+"""The critic and the selector: what they say and how their answers are read.
+
+Critics judge the line of reasoning of a trajectory (see :mod:`satori.synth.trajectory`):
+
+- :func:`rule_critique` (testbed): built on the exact step checker. For a wrong line it
+  names the first wrong step and what is wrong (``<|reflect|>``) and gives the corrected
+  step as the hint (``<|explore|>``: ``Step k: a op b = c``, plus the answer line when
+  ``k`` is the last step, so the trajectory is complete). For a correct line it re-derives
+  an intermediate step backwards (``<|reflect|>``). Wording comes from several templates,
+  chosen by a deterministic key.
+- :func:`critic_prompt` / :func:`parse_critic_reply`: the prompt of an LLM critic (it sees
+  the problem, the reference solution and the numbered candidate steps) and a tolerant
+  parser of its reply (``First wrong step: 3`` / ``Hint: ...``, or ``Verify step: 2`` /
+  ``Verification: ...``).
+
+Selectors rank the finished trajectories of one type: :func:`rule_key` (correct first, then
+shorter, then fewer reflections, then sample order: deterministic) or an outcome reward
+model (:func:`orm_scores`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from fractions import Fraction
+from typing import Any, Sequence
+
+import torch
+
+from satori.data import Problem
+from satori.synth.trajectory import Feedback, has_meta_token
+from satori.testbed.checker import check_steps, correct_step_text, parse_equation
+from satori.testbed.tasks import chain_values, ground_truth
+
+
+def pick(key: str, n: int) -> int:
+    """A deterministic choice in ``range(n)`` from a string key (stable across processes)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % n
+
+
+def unit(key: str) -> float:
+    """A deterministic number in [0, 1) from a string key."""
+    return pick(key, 1 << 30) / float(1 << 30)
+
+
+# --------------------------------------------------------------------------- rule critic
+
+_VERB = {"+": "add", "-": "subtract", "*": "multiply by", "/": "divide by"}
+_INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+WRONG_TEMPLATES = (
+    "Wait, step {k} is wrong: {found}. {why}.",
+    "Hmm, let me check step {k}. {found} is incorrect: {why}.",
+    "Wait, let me check step {k}. I made a mistake: {why}.",
+    "Let me verify step {k}: {found} is wrong because {why_lower}.",
+)
+MISSING_TEMPLATES = (
+    "Wait, the solution stops too early: step {k} is missing. {why}.",
+    "Hmm, let me check the steps. Step {k} is missing: {why_lower}.",
+)
+FINAL_TEMPLATES = (
+    "Wait, the steps are correct but the final answer is not: it should be the result of step {n}, {value}.",
+    "Hmm, let me check the answer. The last step gives {value}, so the answer {found} is wrong.",
+)
+VERIFY_TEMPLATES = (
+    "Let me verify step {j}: {inverse}, so {eq} is correct.",
+    "Wait, let me check step {j}. {inverse_cap}, so {eq} is right.",
+    "Let me double-check the calculation in step {j}: {eq}. Indeed {inverse}. This step is correct.",
+    "Let me verify step {j} by working backwards: {inverse}. The calculation is correct.",
+)
+
+
+def _num(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{float(x):g}"
+
+
+def _why(reason: str, found: str, k: int, n_ops: int, prev: int, op: str, operand: int) -> str:
+    """What is wrong with a step, as a sentence fragment."""
+    eq = parse_equation(found)
+    if reason == "extra step":
+        return f"there is no step {k}, the problem has only {n_ops} operations"
+    if reason == "wrong arithmetic" and eq is not None:
+        true = {"+": eq.a + eq.b, "-": eq.a - eq.b, "*": eq.a * eq.b, "/": eq.a / eq.b if eq.b else None}[eq.op]
+        if true is not None:
+            return f"{_num(eq.a)} {eq.op} {_num(eq.b)} is {_num(true)}, not {_num(eq.c)}"
+    if reason.startswith("wrong operand") and eq is not None:
+        return f"the problem says to {_VERB[op]} {operand}, not {_num(eq.b)}"
+    if reason.startswith("wrong previous value"):
+        source = "the number we start with" if k == 1 else f"the result of step {k - 1}"
+        return f"it should start from {prev}, {source}"
+    if reason.startswith("wrong operation") and eq is not None:
+        return f"the problem says to {_VERB[op]} {operand}, not to {_VERB[eq.op]} {_num(eq.b)}"
+    return f"it should be {_VERB[op]} {operand} starting from {prev}"
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _lower(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+def _first_wrong_position(problem: Problem, texts: Sequence[str]):
+    """``(m, check)``: the first line position whose prefix contains a wrong equation, and
+    the checker's verdict on that prefix; ``(None, check of the whole line)`` if none does."""
+    for m in range(1, len(texts) + 1):
+        c = check_steps(problem, "\n\n".join(texts[:m]))
+        if c.first_wrong_step is not None and c.first_wrong_step <= c.n_steps:
+            return m, c
+    return None, check_steps(problem, "\n\n".join(texts))
+
+
+def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedback | None:
+    """Feedback on a wrong line of reasoning (``texts`` = its steps), from the step checker.
+
+    None when the checker finds nothing wrong (steps and final answer both right).
+    """
+    start, ops = ground_truth(problem)
+    n_ops = len(ops)
+    m, c = _first_wrong_position(problem, texts)
+    gold = problem.answer
+    if m is None:
+        if c.first_wrong_step is None:
+            if c.final_correct:
+                return None
+            found = re.findall(r"\\boxed\{([^}]*)\}", texts[-1]) if texts else []
+            reflect = FINAL_TEMPLATES[pick(key + "/t", len(FINAL_TEMPLATES))].format(
+                n=n_ops, value=gold, found=found[-1] if found else "")
+            return Feedback("correct", after=len(texts), keep=len(texts), reflect=reflect,
+                            explore=f"The answer is \\boxed{{{gold}}}.", complete=True)
+        k = c.first_wrong_step  # a step is missing after a correct prefix
+        values = chain_values(start, ops)
+        op, operand = ops[k - 1]
+        why = f"after {values[k - 1]} we still have to {_VERB[op]} {operand}"
+        reflect = MISSING_TEMPLATES[pick(key + "/t", len(MISSING_TEMPLATES))].format(
+            k=k, why=_cap(why), why_lower=why)
+        return Feedback("correct", after=len(texts), keep=len(texts), reflect=reflect,
+                        explore=_redo(problem, k, n_ops), complete=k == n_ops)
+    k = c.first_wrong_step
+    found = c.found[k - 1]
+    if k > n_ops:  # an extra step after a complete, correct line
+        why = _why("extra step", found, k, n_ops, 0, "+", 0)
+        reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
+            k=k, found=found, why=_cap(why), why_lower=why)
+        return Feedback("correct", after=m, keep=m - 1, reflect=reflect,
+                        explore=f"The answer is \\boxed{{{gold}}}.", complete=True)
+    values = chain_values(start, ops)
+    op, operand = ops[k - 1]
+    why = _why(c.reason, found, k, n_ops, values[k - 1], op, operand)
+    reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
+        k=k, found=found, why=_cap(why), why_lower=why)
+    return Feedback("correct", after=m, keep=m - 1, reflect=reflect, explore=_redo(problem, k, n_ops),
+                    complete=k == n_ops)
+
+
+def _redo(problem: Problem, k: int, n_ops: int) -> str:
+    """The corrected step ``k`` in the testbed format (with the answer line if it is the last)."""
+    text = f"Step {k}: {correct_step_text(problem, k)}"
+    if k == n_ops:
+        text += f"\nThe answer is \\boxed{{{problem.answer}}}."
+    return text
+
+
+def rule_verification(problem: Problem, texts: Sequence[str], key: str, last_ok: bool) -> Feedback | None:
+    """A one-line verification of an intermediate step of a correct line.
+
+    The step is chosen (deterministically from ``key``) among the steps holding an equation,
+    excluding the last unless ``last_ok``; None if there is none.
+    """
+    candidates = [j for j, t in enumerate(texts, 1) if parse_equation(t) is not None]
+    if not last_ok:
+        candidates = [j for j in candidates if j < len(texts)]
+    if not candidates:
+        return None
+    j = candidates[pick(key + "/j", len(candidates))]
+    eq = parse_equation(texts[j - 1])
+    a, b, c = _num(eq.a), _num(eq.b), _num(eq.c)
+    inverse = f"{c} {_INVERSE[eq.op]} {b} = {a}"
+    if eq.op in "+*" and pick(key + "/swap", 2):
+        inverse = f"{c} {_INVERSE[eq.op]} {a} = {b}"
+    text = VERIFY_TEMPLATES[pick(key + "/t", len(VERIFY_TEMPLATES))].format(
+        j=j, inverse=inverse, inverse_cap=_cap(inverse), eq=f"{a} {eq.op} {b} = {c}")
+    return Feedback("verify", after=j, reflect=text)
+
+
+# --------------------------------------------------------------------------- LLM critic
+
+CRITIC_WRONG_PROMPT = (
+    "You are checking a student's solution to a math problem against a reference solution.\n"
+    "Problem: {question}\n\nReference solution:\n{reference}\n\n"
+    "Student's solution (steps numbered):\n{steps}\n\n"
+    "The student's final answer is wrong. Find the first wrong step. Reply exactly in this form:\n"
+    "First wrong step: <number>\nReason: <one sentence: what is wrong in that step>\n"
+    "Hint: <one sentence: how to do that step correctly, without giving the final answer>"
+)
+CRITIC_VERIFY_PROMPT = (
+    "You are checking a student's solution to a math problem against a reference solution.\n"
+    "Problem: {question}\n\nReference solution:\n{reference}\n\n"
+    "Student's solution (steps numbered):\n{steps}\n\n"
+    "The student's solution is correct. Pick one intermediate step and verify it in one line, "
+    "for example by checking its calculation another way. Reply exactly in this form:\n"
+    "Verify step: <number>\nVerification: <one line>"
+)
+
+_FIELD_END = r"(?=\n\s*\**\s*(?:first\s+wrong\s+step|reason|hint|verify\s+step|verification)\b|\Z)"
+_WRONG_STEP = re.compile(r"first\s+wrong\s+step\s*\**\s*[:#=\-]?\s*\**\s*(?:step\s*)?\(?(\d{1,4})", re.I)
+_VERIFY_STEP = re.compile(r"verify\s+step\s*\**\s*[:#=\-]?\s*\**\s*(?:step\s*)?\(?(\d{1,4})", re.I)
+_REASON = re.compile(r"reason\s*\**\s*:\s*\**\s*(.+?)" + _FIELD_END, re.I | re.S)
+_HINT = re.compile(r"hint\s*\**\s*:\s*\**\s*(.+?)" + _FIELD_END, re.I | re.S)
+_VERIFICATION = re.compile(r"verification\s*\**\s*:\s*\**\s*(.+?)" + _FIELD_END, re.I | re.S)
+
+
+def critic_prompt(problem: Problem, texts: Sequence[str], kind: str) -> str:
+    """The LLM critic's prompt for a line of reasoning (``kind`` ``correct`` = it is wrong
+    and needs a correction; ``verify`` = it is right and needs a verification)."""
+    reference = problem.solution or f"The answer is {problem.answer}."
+    steps = "\n".join(f"({i}) {t}" for i, t in enumerate(texts, 1))
+    template = CRITIC_WRONG_PROMPT if kind == "correct" else CRITIC_VERIFY_PROMPT
+    return template.format(question=problem.question, reference=reference, steps=steps)
+
+
+def _clean(text: str) -> str:
+    """One tidy line: markdown emphasis and meta tokens removed, whitespace collapsed."""
+    for t in ("<|continue|>", "<|reflect|>", "<|explore|>"):
+        text = text.replace(t, " ")
+    text = text.replace("**", "")
+    return " ".join(text.split()).strip()
+
+
+def parse_critic_reply(reply: str, kind: str, n_steps: int) -> Feedback | None:
+    """Feedback from an LLM critic's reply; None when it cannot be read.
+
+    A correction needs a step number in ``1..n_steps`` and a non-empty hint (the reason is
+    optional); a verification needs a step number and a non-empty verification line.
+    """
+    if kind == "correct":
+        m = _WRONG_STEP.search(reply)
+        hint = _HINT.search(reply)
+        if m is None or hint is None:
+            return None
+        k = int(m.group(1))
+        hint_text = _clean(hint.group(1))
+        if not 1 <= k <= n_steps or not hint_text:
+            return None
+        reason = _REASON.search(reply)
+        reason_text = _clean(reason.group(1)) if reason else ""
+        reflect = f"Wait, step {k} is wrong: {reason_text}" if reason_text else f"Wait, step {k} is wrong."
+        return Feedback("correct", after=k, keep=k - 1, reflect=reflect, explore=hint_text)
+    m = _VERIFY_STEP.search(reply)
+    ver = _VERIFICATION.search(reply)
+    if m is None or ver is None:
+        return None
+    j = int(m.group(1))
+    ver_text = _clean(ver.group(1))
+    if not 1 <= j <= n_steps or not ver_text:
+        return None
+    return Feedback("verify", after=j, reflect=f"Let me verify step {j}: {ver_text}")
+
+
+def valid_feedback(fb: Feedback | None) -> bool:
+    """Feedback that can be rendered: non-blank texts without meta tokens."""
+    if fb is None or not fb.reflect.strip() or has_meta_token(fb.reflect + fb.explore):
+        return False
+    return fb.kind == "verify" or bool(fb.explore.strip())
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+def rule_key(correct: bool, response: str, n_reflect: int, sample: int) -> tuple:
+    """Sort key of the rule selector (smaller is better): correct, shorter, fewer
+    reflections, earlier sample, then the text itself, so the choice is deterministic."""
+    return (not correct, len(response), n_reflect, sample, response)
+
+
+@torch.no_grad()
+def orm_scores(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16) -> list[float]:
+    """Scalar scores of a sequence-classification model (``num_labels == 1``) on ``texts``.
+
+    Each text is scored alone (right padding, last real token pooled by the model)."""
+    scores: list[float] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for b in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[b : b + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            scores.extend(float(x) for x in logits.reshape(len(enc["input_ids"]), -1)[:, 0])
+    finally:
+        tokenizer.padding_side = side
+    return scores

@@ -1,0 +1,469 @@
+"""``satori latro``: LaTRO, latent reasoning optimisation by self-rewarding (METHOD.md §4).
+
+The rationale z is a latent variable between a question x and its gold answer y. The model
+samples K rationales per question; each is rewarded with the model's own log-likelihood of
+the gold answer after it, minus a KL penalty to the frozen initial model π0:
+
+    r_k = log πθ(y | x⊕z_k) − β · (log πθ(z_k|x) − log π0(z_k|x)),
+    A_k = r_k − mean_{j≠k} r_j                       (leave-one-out baseline),
+    ∇J ≈ mean_k [ A_k ∇log πθ(z_k|x) + λ ∇log πθ(y | x⊕z_k) ].
+
+The loop, top to bottom (:func:`run_latro`):
+
+1. each step takes the next ``batch_size`` questions of a seeded per-epoch shuffle; with
+   several processes each takes its share;
+2. K rationales per question are sampled from the current policy at ``temperature``;
+   each is cut (:func:`cut_rationale`) at the first end-of-sequence token, or just *before*
+   the first answer cue ("The answer is", "\\boxed"), or after ``max_rationale_tokens``
+   tokens (then it is *truncated* and gets the penalised reward of
+   :func:`satori.algos.latro_rewards`);
+3. the gold answer is appended through ``answer_template`` (the template's tokens are y);
+4. one policy forward pass per x⊕z⊕y sequence gives both sums, log πθ(z|x) (at the
+   sampling temperature, the distribution z was drawn from) and log πθ(y|x⊕z) (at
+   temperature 1, summed, not length-normalised); one no-grad pass of π0 gives log π0(z|x);
+   micro-batches hold whole questions, so rewards and leave-one-out advantages are computed
+   from that same pass;
+5. loss = :func:`satori.algos.latro_loss`, scaled so that the gradient is the mean over the
+   *global* batch whatever the number of processes or micro-batches; AdamW, linear decay,
+   gradient clipping; NaN/inf steps are skipped (and counted);
+6. greedy accuracy on held-out problems (``valid_data``, never the test split) before
+   training and every ``eval_every`` steps; the best of these models (ties: the earlier) is
+   the final model written to ``out``; atomic checkpoints every ``save_every`` steps and on
+   SIGTERM; ``resume: true`` continues so that the final weights equal an uninterrupted run
+   (sampling seeds are a function of the seed and the step, not of the RNG history).
+
+Default ``sft_weight`` λ = 0, as in the LaTRO release. The λ term trains the model to write
+the gold answer after *every* sampled rationale, including the ones that argue for another
+answer; that teaches answers that do not follow from the reasoning, which the
+self-reward then cannot see (it already rewards rationales that make the gold answer
+likely). λ = 1 gives the full gradient of J and is available as an option.
+
+Testbed defaults (a ~3M-parameter model): lr 2e-5 and K = 8; for a 7B model the release used
+lr 5e-7, K = 16, ``max_rationale_tokens`` 500.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from satori.algos import latro_loss, latro_rewards, masked_sum, rloo_advantages
+from satori.config import check, to_dict
+from satori.data import DataConfig, Problem, build_prompt, load_problems
+from satori.errors import SatoriError
+from satori.rollout import Sample, eos_ids, generate, load_model, load_tokenizer
+from satori.train.common import (
+    MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
+    make_scheduler, save_checkpoint,
+)
+from satori.train.sft import global_batch
+from satori.utils import seed_everything, set_threads, write_json
+
+#: Gold answer appended after a maths rationale (the testbed's own answer line).
+MATH_ANSWER_TEMPLATE = "The answer is \\boxed{{{answer}}}."
+#: Gold answer appended after a multiple-choice rationale (ARC: the label).
+CHOICE_ANSWER_TEMPLATE = "The answer is {answer}."
+
+
+@dataclass
+class LatroConfig:
+    """``satori latro``: train a model with LaTRO on questions with gold answers."""
+
+    __aliases__: ClassVar[dict[str, str]] = {"data": "data.path", "valid_data": "valid_data.path"}
+
+    model: str = field(default="", metadata={"help": "local model folder to start from (also the reference π0)"})
+    out: str = field(default="", metadata={"help": "output folder (model, checkpoints, metrics)"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train", n=2000))
+    valid_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:valid", n=200))
+    k: int = field(default=8, metadata={"help": "rationales sampled per question"})
+    beta: float = field(default=0.05, metadata={"help": "weight of the KL penalty to the initial model"})
+    sft_weight: float = field(default=0.0, metadata={"help": "weight λ of the answer-likelihood gradient term"})
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 100
+    batch_size: int = field(default=8, metadata={"help": "questions per optimizer step (all processes)"})
+    micro_batch: int = field(default=2, metadata={"help": "questions per forward/backward micro-batch"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rationales"})
+    max_rationale_tokens: int = field(default=128, metadata={"help": "L: longer rationales are truncated"})
+    answer_cues: list[str] = field(default_factory=lambda: ["The answer is", "\\boxed"],
+                                   metadata={"help": "a rationale is cut just before the first of these"})
+    answer_template: str = field(default="", metadata={
+        "help": "text of y with an {answer} field (default: 'The answer is \\boxed{{{answer}}}.', "
+                "or 'The answer is {answer}.' for multiple choice)"})
+    truncation_penalty: float = field(default=1.0, metadata={"help": "truncated: group's min reward minus this"})
+    max_grad_norm: float = 1.0
+    gen_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    eval_every: int = field(default=25, metadata={"help": "held-out greedy accuracy every N steps (0: never)"})
+    eval_max_new_tokens: int = 256
+    save_every: int = 25
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many NaN/inf steps"})
+    resume: bool = False
+    seed: int = 0
+    bf16: bool = False
+    threads: int = 0
+
+    def validate(self) -> None:
+        check(self.k >= 2, f"k must be >= 2 (the leave-one-out baseline needs two samples), got {self.k}")
+        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        check(self.sft_weight >= 0, f"sft_weight must be >= 0, got {self.sft_weight}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        check(self.batch_size > 0 and self.micro_batch > 0, "batch_size and micro_batch must be > 0")
+        check(self.temperature > 0, f"temperature must be > 0 (rationales are sampled), got {self.temperature}")
+        check(self.max_rationale_tokens > 0, f"max_rationale_tokens must be > 0, got {self.max_rationale_tokens}")
+        check(all(c for c in self.answer_cues), "answer_cues may not contain an empty string")
+        check(self.truncation_penalty >= 0, f"truncation_penalty must be >= 0, got {self.truncation_penalty}")
+        check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        check(self.eval_every >= 0 and self.save_every > 0, "eval_every must be >= 0 and save_every > 0")
+        check(self.valid_data.path != "testbed:test",
+              "valid_data is used for model selection and may not be the test split (testbed:test)")
+        if self.answer_template:
+            try:
+                text = self.answer_template.format(answer="ANSWER")
+            except (KeyError, IndexError, ValueError) as e:
+                raise SatoriError(f"answer_template {self.answer_template!r} is not a valid template "
+                                  f"with an {{answer}} field ({e})") from None
+            check("ANSWER" in text, f"answer_template {self.answer_template!r} has no {{answer}} field")
+
+
+# --------------------------------------------------------------------------- rationales
+
+
+@dataclass
+class Rollout:
+    """One sampled rationale with the gold answer appended: the sequence x⊕z⊕y."""
+
+    prompt_ids: list[int]
+    rationale_ids: list[int]
+    answer_ids: list[int]
+    truncated: bool  # z hit max_rationale_tokens without a stop
+    stop: str  # "eos", "cue" or "length"
+
+
+def cut_rationale(token_ids: Sequence[int], pieces: Sequence[str], eos: set[int] | Sequence[int],
+                  cues: Sequence[str], max_tokens: int) -> tuple[int, str]:
+    """Where a sampled response's rationale ends: ``(n_tokens, stop)``.
+
+    ``pieces[i]`` is the decoded text of ``token_ids[i]``. The rationale is
+    ``token_ids[:n_tokens]``, ending before the first end-of-sequence token (``"eos"``) or
+    before the token in which the first answer cue starts (``"cue"``), whichever comes
+    first, provided it starts within the first ``max_tokens + 1`` tokens (so the rationale
+    has at most ``max_tokens`` tokens); otherwise the rationale is the first ``max_tokens``
+    tokens (``"length"``: truncated). Cues are searched in the text before the first EOS.
+    """
+    if len(pieces) != len(token_ids):
+        raise SatoriError(f"cut_rationale: {len(token_ids)} tokens but {len(pieces)} pieces")
+    eos = set(eos)
+    eos_at = next((i for i, t in enumerate(token_ids) if t in eos), None)
+    end = len(token_ids) if eos_at is None else eos_at
+    starts, text = [], []
+    pos = 0
+    for piece in pieces[:end]:
+        starts.append(pos)
+        text.append(piece)
+        pos += len(piece)
+    joined = "".join(text)
+    found = [joined.find(c) for c in cues]
+    found = [f for f in found if f >= 0]
+    cue_at = bisect.bisect_right(starts, min(found)) - 1 if found else None
+    if cue_at is not None and cue_at <= max_tokens:
+        return cue_at, "cue"  # a cue before any EOS (end >= cue token)
+    if eos_at is not None and eos_at <= max_tokens:
+        return eos_at, "eos"
+    return min(max_tokens, len(token_ids)), "length"
+
+
+def answer_text(problem: Problem, template: str = "") -> str:
+    """The text of y: the gold answer in ``template`` (default by problem type)."""
+    if not template:
+        template = CHOICE_ANSWER_TEMPLATE if problem.meta.get("choices") else MATH_ANSWER_TEMPLATE
+    return template.format(answer=problem.answer)
+
+
+def cue_slack(tokenizer: Any, cues: Sequence[str]) -> int:
+    """Extra tokens to sample past ``L`` so that a cue starting at token ``L`` is seen whole."""
+    return max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in cues), default=0) + 1
+
+
+def make_rollouts(samples: Sequence[Sample], answer_ids: Sequence[Sequence[int]], tokenizer: Any,
+                  eos: Sequence[int], cues: Sequence[str], max_tokens: int) -> list[Rollout]:
+    """Cut each sampled response into a rationale and append its question's answer tokens
+    (``answer_ids[sample.index]``)."""
+    out = []
+    for s in samples:
+        raw = list(s.response_ids) + ([] if s.truncated else [eos[0]])
+        pieces = tokenizer.batch_decode([[t] for t in raw], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)
+        n, stop = cut_rationale(raw, pieces, eos, cues, max_tokens)
+        out.append(Rollout(list(s.prompt_ids), raw[:n], list(answer_ids[s.index]), stop == "length", stop))
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def build_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``x⊕z⊕y`` rows with ``z_mask`` / ``y_mask`` aligned with next-token
+    log-probs (position ``t`` scores token ``t + 1``)."""
+    width = max(len(r.prompt_ids) + len(r.rationale_ids) + len(r.answer_ids) for r in rollouts)
+    n = len(rollouts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    z_mask = torch.zeros((n, width - 1))
+    y_mask = torch.zeros((n, width - 1))
+    for b, r in enumerate(rollouts):
+        p, z, y = len(r.prompt_ids), len(r.rationale_ids), len(r.answer_ids)
+        if p == 0:
+            raise SatoriError("a rollout has an empty prompt")
+        ids[b, : p + z + y] = torch.tensor(r.prompt_ids + r.rationale_ids + r.answer_ids, dtype=torch.long)
+        attn[b, : p + z + y] = 1
+        z_mask[b, p - 1: p - 1 + z] = 1.0
+        y_mask[b, p - 1 + z: p - 1 + z + y] = 1.0
+    return {"input_ids": ids, "attention_mask": attn, "z_mask": z_mask, "y_mask": y_mask}
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                   bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: ``(log π(z|x), log π(y|x⊕z))`` per row, sums over the masked tokens.
+
+    The rationale is scored at ``temperature`` (the distribution it was sampled from), the
+    answer at temperature 1 (the model's likelihood of the gold answer).
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    with autocast(bf16):
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logp = picked - torch.logsumexp(logits, dim=-1)
+    logp_t = logp if temperature == 1.0 else picked / temperature - torch.logsumexp(logits / temperature, dim=-1)
+    return masked_sum(logp_t, batch["z_mask"], dim=1), masked_sum(logp, batch["y_mask"], dim=1)
+
+
+def group_loss(model: Any, ref_model: Any, rollouts: Sequence[Rollout], k: int, pad_id: int, *, beta: float,
+               sft_weight: float, truncation_penalty: float, temperature: float = 1.0,
+               bf16: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LaTRO loss of whole questions: ``rollouts`` holds groups of ``k`` consecutive
+    rationales of the same question. One policy pass (with grad) and one π0 pass (no grad).
+
+    Returns the loss (mean over the rollouts) and detached per-rollout stats: ``reward``,
+    ``advantage``, ``kl`` (log πθ(z|x) − log π0(z|x)), ``answer_logp``, ``rationale_logp``.
+    """
+    if len(rollouts) % k:
+        raise SatoriError(f"{len(rollouts)} rollouts cannot be split into groups of k={k}")
+    device = next(model.parameters()).device
+    batch = {name: t.to(device) for name, t in build_batch(rollouts, pad_id).items()}
+    z_logp, y_logp = sequence_logps(model, batch, temperature, bf16)
+    with torch.no_grad():
+        ref_z_logp, _ = sequence_logps(ref_model, batch, temperature, bf16)
+    truncated = torch.tensor([r.truncated for r in rollouts], device=device)
+    rewards = latro_rewards(y_logp.view(-1, k), z_logp.view(-1, k), ref_z_logp.view(-1, k), beta,
+                            truncated.view(-1, k), truncation_penalty)
+    advantages = rloo_advantages(rewards.reshape(-1), k).view(-1, k)
+    loss = latro_loss(z_logp.view(-1, k), y_logp.view(-1, k), advantages, sft_weight)
+    stats = {"reward": rewards.reshape(-1), "advantage": advantages.reshape(-1),
+             "kl": (z_logp - ref_z_logp).detach(), "answer_logp": y_logp.detach(),
+             "rationale_logp": z_logp.detach()}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def sample_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of one step on one process (independent of RNG history, so a
+    resumed run samples what the uninterrupted one did)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+def held_out_accuracy(model: Any, tokenizer: Any, problems: list[Problem], cfg: LatroConfig) -> float:
+    """Greedy pass@1 on ``problems`` via :func:`satori.evaluate.evaluate`."""
+    from satori.evaluate import EvalConfig, GenConfig, evaluate
+
+    ecfg = EvalConfig(data=cfg.valid_data, gen=GenConfig(max_new_tokens=cfg.eval_max_new_tokens,
+                                                         batch_size=cfg.gen_batch_size), seed=cfg.seed)
+    with autocast(cfg.bf16):
+        metrics, _ = evaluate(model, tokenizer, problems, ecfg, progress=False)
+    return float(metrics["pass@1"])
+
+
+def save_best(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
+    """Write ``out/best`` (model, tokenizer, ``best.json``) via a temporary folder and renames."""
+    final, tmp, old = out / "best", out / f".tmp-best-{os.getpid()}", out / f".old-best-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "best.json", info)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_latro(cfg: LatroConfig) -> dict[str, Any]:
+    """Train with LaTRO; returns the run's summary. Writes the final model + tokenizer to ``cfg.out``."""
+    for name in ("model", "out"):
+        if not getattr(cfg, name):
+            raise SatoriError(f"--{name} is required")
+    cfg.validate()
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    acc = make_accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise SatoriError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})")
+    share = cfg.batch_size // world
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model)
+    ref_model = load_model(cfg.model)  # π0: always the initial model, also when resuming
+    ref_model.requires_grad_(False)
+    problems = load_problems(cfg.data)
+    if not problems:
+        raise SatoriError(f"{cfg.data.path}: no training problems")
+    valid = load_problems(cfg.valid_data) if cfg.eval_every else []
+    prompts = [build_prompt(p, tokenizer) for p in problems]
+    answers = [tokenizer(answer_text(p, cfg.answer_template), add_special_tokens=False)["input_ids"]
+               for p in problems]
+    stop_ids = eos_ids(model, tokenizer)
+    new_tokens = cfg.max_rationale_tokens + cue_slack(tokenizer, cfg.answer_cues)
+    pad_id = tokenizer.pad_token_id
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, "linear", cfg.steps, cfg.warmup_steps)
+    start, bad_steps = 0, 0
+    best: dict[str, Any] = {}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        start, bad_steps, best = state["step"], state.get("bad_steps", 0), state.get("best", {})
+    model, optimizer = acc.prepare(model, optimizer)
+    ref_model.to(acc.device)
+    log = MetricsLog(out, enabled=acc.is_main_process)
+    log.truncate_after(start)
+    result: dict[str, Any] = {"steps": cfg.steps, "train_problems": len(problems), "valid_problems": len(valid)}
+    t0 = time.time()
+
+    def evaluate_and_select(step: int) -> float:
+        """Held-out accuracy (main process); keeps ``out/best`` at the best model so far."""
+        nonlocal best
+        acc.wait_for_everyone()
+        value = 0.0
+        if acc.is_main_process:
+            policy = acc.unwrap_model(model)
+            value = held_out_accuracy(policy, tokenizer, valid, cfg)
+            if not best or value > best["valid_acc"]:
+                best = {"step": step, "valid_acc": value}
+                save_best(out, policy, tokenizer, best)
+        acc.wait_for_everyone()
+        return value
+
+    def checkpoint(step: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(out, step, {"model": acc.unwrap_model(model)},
+                            {"optimizer": optimizer, "scheduler": scheduler},
+                            {"bad_steps": bad_steps, "best": best, "config": to_dict(cfg)})
+        acc.wait_for_everyone()
+
+    if valid and start == 0:
+        result["initial_valid_acc"] = evaluate_and_select(0)
+        log.log(0, {"valid_acc": result["initial_valid_acc"]})
+
+    with StopSignal() as stop:
+        for step in range(start, cfg.steps):
+            # 1-3. this process's questions; K rationales each; cut; gold answer appended
+            t_step = time.time()
+            chosen = global_batch(len(problems), cfg.seed, step, cfg.batch_size)[rank * share:(rank + 1) * share]
+            with autocast(cfg.bf16):
+                samples = generate(acc.unwrap_model(model), tokenizer, [prompts[i] for i in chosen],
+                                   max_new_tokens=new_tokens, temperature=cfg.temperature, n=cfg.k,
+                                   batch_size=cfg.gen_batch_size, seed=sample_seed(cfg.seed, step, rank))
+            rollouts = make_rollouts(samples, [answers[i] for i in chosen], tokenizer, stop_ids,
+                                     cfg.answer_cues, cfg.max_rationale_tokens)
+            t_sample = time.time() - t_step
+            # 4-5. one policy pass per sequence; loss scaled to the mean over the global batch
+            loss_sum = 0.0
+            stats: list[torch.Tensor] = []
+            n_micro = math.ceil(share / cfg.micro_batch)
+            for m in range(n_micro):
+                group = rollouts[m * cfg.micro_batch * cfg.k:(m + 1) * cfg.micro_batch * cfg.k]
+                n_questions = len(group) // cfg.k
+                sync = acc.no_sync(model) if m < n_micro - 1 else nullcontext()
+                with sync:
+                    loss, st = group_loss(model, ref_model, group, cfg.k, pad_id, beta=cfg.beta,
+                                          sft_weight=cfg.sft_weight, truncation_penalty=cfg.truncation_penalty,
+                                          temperature=cfg.temperature, bf16=cfg.bf16)
+                    loss = loss * (n_questions / cfg.batch_size)
+                    acc.backward(loss * world)  # DDP averages over processes
+                loss_sum += float(loss.detach())
+                stats.append(torch.stack([st["reward"], st["kl"], st["answer_logp"]], dim=1))
+            local = torch.cat(stats).float()
+            shape = torch.tensor([[len(r.rationale_ids), float(not r.truncated), float(r.stop == "cue")]
+                                  for r in rollouts])
+            every = acc.gather(torch.cat([local, shape], dim=1).to(acc.device)).cpu()
+            loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
+            if not math.isfinite(loss_total) or not bool(torch.isfinite(every).all()) or not grads_finite(model):
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                log.log(step + 1, {"skipped_nonfinite": 1, "loss": loss_total})
+                if bad_steps > cfg.max_bad_steps:
+                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf rewards, loss or gradients "
+                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); last good checkpoint: "
+                                      f"{latest_checkpoint(out)}")
+                continue
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            reward, kl, answer_logp, length, stopped, cue = every.unbind(dim=1)
+            metrics = {"loss": loss_total, "reward_mean": float(reward.mean()),
+                       "reward_std": float(reward.std(unbiased=False)), "kl": float(kl.mean()),
+                       "answer_logp": float(answer_logp.mean()), "rationale_len": float(length.mean()),
+                       "stop_rate": float(stopped.mean()), "cue_rate": float(cue.mean()),
+                       "grad_norm": float(grad_norm), "lr": lr, "sample_seconds": round(t_sample, 3),
+                       "step_seconds": round(time.time() - t_step, 3), "elapsed": round(time.time() - t0, 2)}
+            # 6. held-out accuracy, best-model selection, checkpoints
+            if valid and (done % cfg.eval_every == 0 or done == cfg.steps):
+                metrics["valid_acc"] = evaluate_and_select(done)
+                result["last_valid_acc"] = metrics["valid_acc"]
+            log.log(done, metrics)
+            result.update(loss=loss_total, reward_mean=metrics["reward_mean"], kl=metrics["kl"])
+            if done % cfg.save_every == 0 and done < cfg.steps:
+                checkpoint(done)
+            if stop.requested:
+                checkpoint(done)
+                log.close()
+                raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
+                                  f"(checkpoint in {out / 'checkpoints'})")
+    log.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if best:  # the best held-out model is the final model
+            for f in (out / "best").iterdir():
+                if f.is_file() and f.name != "best.json":
+                    shutil.copy2(f, out / f.name)
+            result.update(final=f"best held-out model (step {best['step']})", best_step=best["step"],
+                          best_valid_acc=best["valid_acc"])
+        else:
+            acc.unwrap_model(model).save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            result["final"] = f"last step ({cfg.steps})"
+        result.update(seconds=round(time.time() - t0, 2), bad_steps=bad_steps)
+        write_json(out / "latro_result.json", {"config": to_dict(cfg), "result": result})
+    acc.wait_for_everyone()
+    return result

@@ -1,0 +1,60 @@
+"""Evaluation metrics on hand-made samples, and a real evaluation of a tiny model."""
+
+import pytest
+
+from satori.coat import CONTINUE, EXPLORE, REFLECT
+from satori.data import Problem
+from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, pass_at_k, response_record
+from satori.rollout import Sample
+
+
+def rec(level, correct, pre=None, samples=(), reflects=False, valid=True, tokens=10):
+    return {"level": level, "samples": [{"extracted": e, "correct": c} for e, c in samples],
+            "greedy": {"correct": correct, "valid_format": valid, "reflects": reflects or pre is not None,
+                       "explores": False, "pre_reflect_correct": pre, "n_tokens": tokens, "truncated": False}}
+
+
+def test_wrong_then_reflect_then_right_counts_as_f_to_t():
+    text = ("Step 1: 2 + 3 = 6\nThe answer is \\boxed{6}." + REFLECT + "Wait, step 1 is wrong." + EXPLORE
+            + "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}.")
+    s = Sample(prompt="", text=text, prompt_ids=[], response_ids=list(range(30)), truncated=False)
+    r = response_record(s, Problem(id="1", question="", answer="5"), "5", True)
+    assert r["pre_reflect_correct"] is False and r["reflects"] and r["explores"] and r["valid_format"]
+    m = compute_metrics([{"level": 2, "samples": [], "greedy": r}])
+    assert m["reflection"]["counts"]["F->T"] == 1 and m["reflection"]["f_to_t_share"] == 1.0
+
+
+def test_metrics_by_hand():
+    records = [
+        rec(2, True, samples=[("4", True), ("4", True), ("5", False)]),
+        rec(2, False, pre=True, samples=[("1", False), ("2", False), ("3", True)]),
+        rec(3, True, pre=False, samples=[("7", False), ("7", False), ("8", True)], valid=False),
+        rec(3, False, samples=[(None, False), ("9", False), ("9", False)], tokens=20),
+    ]
+    m = compute_metrics(records)
+    assert m["pass@1"] == 0.5 and m["format_compliance"] == 0.75 and m["reflect_rate"] == 0.5
+    assert m["maj@3"] == 0.25  # only the first: 4,4 wins; record 2 is a three-way tie -> first ('1') wins
+    assert m["pass@3"] == 0.75
+    assert m["reflection"]["counts"] == {"F->T": 1, "T->F": 1, "T->T": 0, "F->F": 0}
+    assert m["mean_tokens"] == 12.5
+    assert m["by_level"]["2"]["pass@1"] == 0.5 and m["by_level"]["3"]["maj@3"] == 0.0
+
+
+def test_pass_at_k_and_majority():
+    assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 4) == 1.0
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - (3 / 5) * (2 / 4))
+    assert majority_answer(["1,000", "1000", "7"]) == "1000"
+    assert majority_answer([None, ""]) is None
+
+
+def test_evaluate_a_real_tiny_model(tiny_coat):
+    from satori.data import DataConfig, load_problems
+    from satori.rollout import load_model, load_tokenizer
+
+    problems = load_problems(DataConfig(path="testbed:test", n=6))
+    cfg = EvalConfig(model=str(tiny_coat), k=2)
+    cfg.gen.max_new_tokens = 8
+    metrics, records = evaluate(load_model(tiny_coat), load_tokenizer(tiny_coat), problems, cfg, progress=False)
+    assert metrics["n"] == 6 and metrics["pass@1"] == 0.0 and "maj@2" in metrics and "by_level" in metrics
+    assert all(len(r["samples"]) == 2 for r in records)
+    assert metrics["truncation_rate"] > 0
