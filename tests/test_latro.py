@@ -156,7 +156,7 @@ def test_estimator_gradient_and_rewards_match_the_formula_by_hand(tiny, sft_weig
         grads_y.append(torch.autograd.grad(ys, params))
         with torch.no_grad():
             ref_zs, _ = _sums(ref, r)
-        rewards.append(float(ys) - beta * (float(zs) - float(ref_zs)))
+        rewards.append(ys.item() - beta * (zs.item() - ref_zs.item()))
     for q in range(2):  # truncated: the group's lowest raw reward minus the penalty
         group = rewards[q * k:(q + 1) * k]
         floor = min(group) - penalty
@@ -225,9 +225,13 @@ def test_determinism_and_exact_resume(tiny, tmp_path):
 def test_micro_batches_do_not_change_the_update(tiny, tmp_path):
     run_latro(_cfg(tiny, tmp_path / "m1", steps=1, micro_batch=1, batch_size=4))
     run_latro(_cfg(tiny, tmp_path / "m4", steps=1, micro_batch=4, batch_size=4))
+    # Adam is invariant to the gradient's scale, so compare the logged gradient norm and loss too
+    [s1], [s4] = read_metrics(tmp_path / "m1"), read_metrics(tmp_path / "m4")
+    assert s1["grad_norm"] == pytest.approx(s4["grad_norm"], rel=1e-4)
+    assert s1["loss"] == pytest.approx(s4["loss"], rel=1e-4, abs=1e-6)
     w1, w4 = _weights(tmp_path / "m1"), _weights(tmp_path / "m4")
     for name in w1:
-        torch.testing.assert_close(w1[name], w4[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w1[name], w4[name], rtol=1e-3, atol=1e-5)
 
 
 def test_best_held_out_model_is_the_final_model(tiny, tmp_path):
@@ -251,10 +255,8 @@ def test_test_split_is_refused_for_model_selection(tiny, tmp_path):
 
 def test_arc_multiple_choice_flows_through(tiny, tmp_path):
     rows = [
-        {"id": f"q{i}", "question": {"stem": f"Which is largest number {i}?",
-                                     "choices": [{"label": "A", "text": "1"}, {"label": "B", "text": "9"},
-                                                 {"label": "C", "text": "4"}]},
-         "answerKey": "B"}
+        {"id": f"q{i}", "question": f"Which number is largest ({i})?",
+         "choices": {"label": ["A", "B", "C"], "text": ["1", "9", "4"]}, "answerKey": "B"}
         for i in range(3)
     ]
     path = tmp_path / "arc.jsonl"

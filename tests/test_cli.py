@@ -1,0 +1,74 @@
+"""The command line: exact grade contract and one-line errors naming the problem."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from satori.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("satori: error: ")
+    return lines[0]
+
+
+def test_grade_contract(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"resp": "so \\boxed{12}", "gold": 12, "keep": [1]}) + "\n"
+                   + json.dumps({"resp": "The answer is 7.", "gold": "8"}) + "\n")
+    code, out, _ = run(capsys, "grade", str(src), "--response-field", "resp", "--answer-field", "gold",
+                       "--out", str(tmp_path / "out.jsonl"))
+    assert code == 0 and out.strip().splitlines()[-1] == "accuracy: 0.5000"
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[0] == {"resp": "so \\boxed{12}", "gold": 12, "keep": [1], "extracted": "12", "correct": True}
+    assert rows[1]["correct"] is False and rows[1]["extracted"] == "7"
+
+
+def test_grade_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "grade", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "missing.jsonl" in one_line_error(err)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"response": "1", "answer": "1"}\n{oops\n')
+    code, _, err = run(capsys, "grade", str(bad), "--out", str(tmp_path / "o.jsonl"))
+    assert "bad.jsonl:2" in one_line_error(err)
+    bad.write_text('{"response": "1"}\n')
+    code, _, err = run(capsys, "grade", str(bad), "--out", str(tmp_path / "o.jsonl"))
+    assert "'answer'" in one_line_error(err) and "bad.jsonl:1" in err
+
+
+def test_eval_errors_are_one_line(tmp_path, capsys, tiny_coat):
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "no-model"), "--data", "testbed:test")
+    assert code == 2 and "model path does not exist" in one_line_error(err)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: x\ngen:\n  max_new_tokenz: 3\n")
+    code, _, err = run(capsys, "eval", "--config", str(cfg))
+    assert "unknown config key 'max_new_tokenz' in section 'gen'" in one_line_error(err) and "c.yaml" in err
+    code, _, err = run(capsys, "eval", "--model", str(tiny_coat), "--data", str(tmp_path / "none.jsonl"))
+    assert "data path not found" in one_line_error(err)
+    code, _, err = run(capsys, "eval", "--model", str(tiny_coat), "--k", "many")
+    assert "'k' must be an integer" in one_line_error(err)
+
+
+def test_eval_writes_results(tmp_path, capsys, tiny_coat):
+    out = tmp_path / "ev"
+    code, stdout, _ = run(capsys, "eval", "--model", str(tiny_coat), "--data", "testbed:test", "--data.n", "4",
+                          "--gen.max-new-tokens", "6", "--out", str(out))
+    assert code == 0 and "pass@1 (greedy)" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"]["n"] == 4 and len((out / "samples.jsonl").read_text().splitlines()) == 4
+    assert (out / "results.md").read_text().startswith("### ")
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "satori.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "eval" in out.stdout and "grade" in out.stdout

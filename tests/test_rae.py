@@ -1,0 +1,185 @@
+"""satori rae: cutting at COAT step boundaries, buffer labels, merge, context check."""
+
+import json
+import random
+
+import pytest
+
+from satori.coat import CONTINUE, EXPLORE, REFLECT, parse_steps
+from satori.data import DataConfig, Problem
+from satori.errors import SatoriError
+from satori.rae import (
+    RAEConfig, build_initial_states, check_fit, cut_trajectory, group_samples, read_samples, run_rae,
+)
+
+C, R, E = CONTINUE, REFLECT, EXPLORE
+FOUR = (f"Step 1: 2 + 3 = 5\n\n{C}Step 2: 5 * 2 = 10\n\n{R}Wait, 5 * 2 = 10 is correct.\n\n"
+        f"{C}Step 3: 10 - 1 = 9\nThe answer is \\boxed{{9}}.")
+
+
+def test_cut_zero_keeps_everything_then_reflects():
+    assert cut_trajectory(FOUR, 0) == FOUR + R
+
+
+def test_cut_two_drops_the_last_two_steps_at_token_boundaries():
+    prefix = cut_trajectory(FOUR, 2)
+    assert prefix == f"Step 1: 2 + 3 = 5\n\n{C}Step 2: 5 * 2 = 10\n\n{R}"
+    assert [s.action for s in parse_steps(prefix)] == ["continue", "continue", "reflect"]
+    one = cut_trajectory(FOUR, 1)
+    assert one == f"Step 1: 2 + 3 = 5\n\n{C}Step 2: 5 * 2 = 10\n\n{R}Wait, 5 * 2 = 10 is correct.\n\n{R}"
+    assert "boxed" not in one  # T >= 1 removes the final-answer step
+
+
+def test_cut_never_removes_every_step():
+    assert cut_trajectory(FOUR, 3) == f"Step 1: 2 + 3 = 5\n\n{R}"
+    with pytest.raises(SatoriError, match="4 step"):
+        cut_trajectory(FOUR, 4)
+    with pytest.raises(SatoriError, match="blank"):
+        cut_trajectory("  \n", 0)
+    # plain text without meta tokens is one step: only T = 0
+    assert cut_trajectory("Step 1: 1 + 1 = 2\n\\boxed{2}", 0) == "Step 1: 1 + 1 = 2\n\\boxed{2}" + R
+
+
+def _problems(n):
+    return [Problem(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1), meta={"level": 2}) for i in range(n)]
+
+
+def _coat(i, answer, n_steps=4):
+    steps = [f"Step {j}: thinking about {i}\n\n" for j in range(1, n_steps)]
+    return steps[0] + "".join(C + s for s in steps[1:]) + f"{C}So \\boxed{{{answer}}}."
+
+
+def _samples(problems):
+    out = []
+    for i, p in enumerate(problems):
+        if i % 4 != 3:  # every 4th problem has only wrong samples
+            out += [{"id": p.id, "question": p.question, "response": _coat(i, p.answer, 3 + j), "correct": True,
+                     "sample": j} for j in range(2)]
+        if i % 4 != 2:  # every 4th has only correct ones
+            out += [{"id": p.id, "question": p.question, "response": _coat(i, "0", 3 + j), "correct": False,
+                     "sample": 2 + j} for j in range(2)]
+        out.append({"id": p.id, "question": p.question, "response": _coat(i, "7") [:20], "correct": False,
+                    "truncated": True, "sample": 9})
+    return out
+
+
+def test_states_labels_merge_and_determinism():
+    problems = _problems(8)
+    samples = _samples(problems)
+    states = build_initial_states(problems, samples, t_max=2, rng=random.Random(5))
+    assert [s["status"] for s in states[:8]] == [0] * 8
+    assert all(s["prefix"] == "" and s["T"] is None for s in states[:8])
+    pos = [s for s in states if s["status"] == 1]
+    neg = [s for s in states if s["status"] == -1]
+    assert [s["meta"]["problem_id"] for s in pos] == ["p0", "p1", "p2", "p4", "p5", "p6"]
+    assert [s["meta"]["problem_id"] for s in neg] == ["p0", "p1", "p3", "p4", "p5", "p7"]
+    by_id = {p.id: p for p in problems}
+    for s in pos + neg:
+        assert s["prefix"].endswith(R) and s["answer"] == by_id[s["meta"]["problem_id"]].answer
+        assert 0 <= s["T"] <= min(2, s["meta"]["n_steps"] - 1)
+        source = next(x for x in samples if x["id"] == s["meta"]["problem_id"] and x["sample"] == s["meta"]["sample"])
+        assert not source.get("truncated") and source["correct"] == (s["status"] == 1)
+        assert s["prefix"] == cut_trajectory(source["response"], s["T"])
+        if s["T"] == 0:
+            assert "boxed" in s["prefix"]
+    assert build_initial_states(problems, samples, 2, random.Random(5)) == states
+    other = [build_initial_states(problems, samples, 2, random.Random(seed)) for seed in range(6, 12)]
+    assert any(o != states for o in other)
+    assert {s["T"] for o in other for s in o if s["status"]} == {0, 1, 2}
+    only_buffers = build_initial_states(problems, samples, 2, random.Random(5), include_originals=False)
+    assert only_buffers == states[8:]
+
+
+def test_samples_from_other_data_are_refused_or_ignored():
+    problems = _problems(2)
+    _, unmatched = group_samples(problems, [{"question": "unknown", "response": "x", "correct": True}])
+    assert unmatched == 1
+    groups, _ = group_samples(problems, [{"question": "What is 1 + 1?", "response": "x", "correct": True}])
+    assert len(groups["p1"]) == 1  # matched by question when there is no id
+    with pytest.raises(SatoriError, match="p0"):
+        group_samples(problems, [{"id": "p0", "question": "Another question", "response": "x", "correct": True}])
+
+
+def test_read_samples_grades_and_names_bad_lines(tmp_path):
+    good = tmp_path / "s.jsonl"
+    good.write_text(json.dumps({"id": 3, "question": "q", "answer": "12", "response": "so \\boxed{12}"}) + "\n"
+                    + json.dumps({"id": "4", "response": "\\boxed{5}", "correct": False}) + "\n")
+    recs = read_samples(good)
+    assert [r["correct"] for r in recs] == [True, False] and recs[0]["id"] == "3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "1", "response": "r", "correct": True}) + "\n"
+                   + json.dumps({"id": "2", "response": "r"}) + "\n")
+    with pytest.raises(SatoriError, match=r"bad.jsonl:2: needs a 'correct'"):
+        read_samples(bad)
+
+
+def _tokenizer(path):
+    from satori.rollout import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def test_overflow_is_refused_with_the_problem_id_or_skipped(tiny_coat):
+    tok = _tokenizer(tiny_coat)
+    problems = _problems(3)
+    samples = [{"id": "p1", "question": problems[1].question, "response": _coat(1, "2", 3) + " pad" * 200,
+                "correct": True, "sample": 0}]
+    states = build_initial_states(problems, samples, t_max=0, rng=random.Random(0))
+    sizes = [len(tok(s["prefix"])["input_ids"]) for s in states]
+    assert sizes[-1] > 150
+    limit = 120
+    with pytest.raises(SatoriError, match=r"p1/pos \(problem p1\).*limit of 120"):
+        check_fit(states, tok, limit)
+    kept, dropped, prefix_tokens = check_fit(states, tok, limit, on_overflow="skip")
+    assert [s["id"] for s in dropped] == ["p1/pos"] and len(kept) == 3 and prefix_tokens == []
+    kept, dropped, prefix_tokens = check_fit(states, tok, 10_000)
+    assert len(kept) == 4 and not dropped and prefix_tokens == [sizes[-1]]
+
+
+def _write_samples(path, problems):
+    with path.open("w") as fh:
+        for r in _samples(problems):
+            fh.write(json.dumps(r) + "\n")
+
+
+def _problems_file(path, problems):
+    with path.open("w") as fh:
+        for p in problems:
+            fh.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n")
+
+
+def test_run_rae_from_a_samples_file(tmp_path, tiny_coat):
+    problems = _problems(8)
+    _problems_file(tmp_path / "problems.jsonl", problems)
+    _write_samples(tmp_path / "samples.jsonl", problems)
+    cfg = RAEConfig(policy=str(tiny_coat), data=DataConfig(path=str(tmp_path / "problems.jsonl")),
+                    samples=str(tmp_path / "samples.jsonl"), out=str(tmp_path / "rae"), max_new_tokens=256, seed=1,
+                    threads=1)
+    stats = run_rae(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "rae" / "initial_states.jsonl").read_text().splitlines()]
+    assert len(lines) == stats["states"] == 20
+    assert stats["by_status"] == {"0": 8, "1": 6, "-1": 6}
+    assert sum(stats["t_hist"]["1"].values()) == 6 and sum(stats["t_hist"]["-1"].values()) == 6
+    assert stats["skipped_truncated_or_blank"] == 8 and stats["prompt_limit"] == 1024 - 256
+    assert stats["mean_prefix_tokens"] > 0
+    assert set(lines[0]) == {"id", "question", "answer", "prefix", "status", "T", "meta"}
+    saved = json.loads((tmp_path / "rae" / "rae_stats.json").read_text())
+    assert saved["stats"]["by_status"] == stats["by_status"]
+    # the same states must not fit a tight limit: the error names the first state that overflows
+    cfg.max_prompt_tokens = 60
+    with pytest.raises(SatoriError, match=r"initial state p\d"):
+        run_rae(cfg)
+    cfg.on_overflow = "skip"
+    assert run_rae(cfg)["dropped_overflow"] > 0
+
+
+def test_run_rae_samples_the_policy_and_needs_coat_tokens(tmp_path, tiny_base, tiny_coat):
+    data = DataConfig(path="testbed:train", n=3)
+    cfg = RAEConfig(policy=str(tiny_coat), data=data, out=str(tmp_path / "rae"), k=2, max_new_tokens=4,
+                    threads=1)
+    stats = run_rae(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "rae" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {s["sample"] for s in samples} == {0, 1}
+    assert stats["samples"] == 6 and stats["by_status"]["0"] == 3
+    with pytest.raises(SatoriError, match="no single token"):
+        run_rae(RAEConfig(policy=str(tiny_base), data=data, out=str(tmp_path / "x"), k=2, max_new_tokens=4))

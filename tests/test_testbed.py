@@ -1,0 +1,295 @@
+"""Tests of the testbed: tasks, step checker, tokenizer/model factory, pretraining."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from satori.data import Problem, plain_prompt
+from satori.errors import SatoriError
+from satori.testbed.checker import check_steps, correct_step_text, parse_equation, verify_step
+from satori.testbed.model import build_model, build_tokenizer
+from satori.testbed.pretrain import PretrainConfig, lr_at, pretrain
+from satori.testbed.tasks import MAX_VALUE, MIN_VALUE, chain_values, make_problems, reference_solution
+
+# Ana has 7. +5 -> 12, -3 -> 9, *2 -> 18, /3 -> 6
+HAND = Problem(
+    id="hand",
+    question="Ana has 7 marbles. She finds 5 more marbles. She gives 3 marbles to Ben. "
+    "Then her marbles double. She keeps only a third of her marbles. How many marbles does Ana have now?",
+    answer="6",
+    meta={"start": 7, "ops": [["+", 5], ["-", 3], ["*", 2], ["/", 3]], "level": 4, "source": "testbed", "split": "test"},
+)
+RIGHT = [
+    "Step 1: 7 + 5 = 12",
+    "Step 2: 12 - 3 = 9",
+    "Step 3: 9 * 2 = 18",
+    "Step 4: 18 / 3 = 6\nThe answer is \\boxed{6}.",
+]
+
+
+def solution(steps: list[str]) -> str:
+    return "\n\n".join(steps)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_make_problems_deterministic_and_seed_dependent():
+    a = make_problems("train", 50, seed=3)
+    b = make_problems("train", 50, seed=3)
+    c = make_problems("train", 50, seed=4)
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in b]
+    assert [p.question for p in a] != [p.question for p in c]
+
+
+def test_splits_are_disjoint_across_seeds():
+    questions = {}
+    for split, n in (("train", 2000), ("valid", 300), ("test", 300)):
+        questions[split] = {p.question for s in (0, 1) for p in make_problems(split, n, seed=s)}
+    assert not questions["train"] & questions["valid"]
+    assert not questions["train"] & questions["test"]
+    assert not questions["valid"] & questions["test"]
+    assert len(questions["valid"]) > 550  # distinct within the split
+
+
+def test_levels_meta_and_bounds():
+    problems = make_problems("valid", 100, seed=0)
+    ood = make_problems("ood", 20, seed=0)
+    assert [p.meta["level"] for p in problems[:10]] == [2, 3, 4, 5, 6, 2, 3, 4, 5, 6]
+    assert {p.meta["level"] for p in ood} == {7, 8}
+    assert {p.meta["level"] for p in make_problems("test", 9, levels=(3,))} == {3}
+    for p in problems + ood:
+        assert json.loads(json.dumps(p.meta)) == p.meta
+        assert p.meta["source"] == "testbed" and p.meta["split"] in ("valid", "ood")
+        assert len(p.meta["ops"]) == p.meta["level"]
+        values = chain_values(p.meta["start"], p.meta["ops"])
+        assert all(MIN_VALUE <= v <= MAX_VALUE for v in values)
+        assert p.answer == str(values[-1])
+        assert len(re.findall(r"\. ", p.question)) >= p.meta["level"]  # one sentence per op
+
+
+def test_make_problems_rejects_bad_input():
+    with pytest.raises(SatoriError):
+        make_problems("dev", 3)
+    with pytest.raises(SatoriError):
+        make_problems("train", 3, levels=(0,))
+
+
+def test_reference_solution_format():
+    for p in make_problems("test", 20, seed=1):
+        steps = p.solution.split("\n\n")
+        assert len(steps) == p.meta["level"]
+        for k, step in enumerate(steps, 1):
+            assert step.startswith(f"Step {k}: ")
+            assert len(re.findall(r"=", step)) == 1
+        assert steps[-1].endswith(f"The answer is \\boxed{{{p.answer}}}.")
+        check = check_steps(p, p.solution)
+        assert check.first_wrong_step is None and check.final_correct
+
+
+def _step_errors(p: Problem, text: str) -> list[bool]:
+    """Per written step: is it an injected error (bad arithmetic or wrong operand)?"""
+    errors, prev = [], None
+    eqs = [parse_equation(s) for s in text.split("\n\n")]
+    for (op, operand), eq in zip(p.meta["ops"], eqs):
+        assert prev is None or eq.a == prev  # continues from the written (maybe wrong) value
+        arith = {"+": eq.a + eq.b, "-": eq.a - eq.b, "*": eq.a * eq.b, "/": eq.a / eq.b}[eq.op]
+        errors.append(arith != eq.c or eq.b != operand or eq.op != op)
+        prev = eq.c
+    return errors
+
+
+def test_error_injection_rate_and_propagation():
+    problems = make_problems("train", 1000, seed=2)
+    rng = random.Random(0)
+    flags, one_error_final_wrong = [], []
+    for p in problems:
+        text = reference_solution(p, error_rate=0.2, rng=rng)
+        errs = _step_errors(p, text)
+        flags += errs
+        last = parse_equation(text.split("\n\n")[-1])
+        assert text.endswith(f"\\boxed{{{int(last.c)}}}.")
+        if sum(errs) == 1:
+            one_error_final_wrong.append(check_steps(p, text).final_correct is False)
+            assert check_steps(p, text).first_wrong_step == errs.index(True) + 1
+    rate = sum(flags) / len(flags)  # about 4000 steps: sd of the rate about 0.006
+    assert abs(rate - 0.2) < 0.03, rate
+    assert len(one_error_final_wrong) > 200 and all(one_error_final_wrong)
+    assert reference_solution(problems[0], 0.0) == problems[0].solution
+    with pytest.raises(SatoriError):
+        reference_solution(problems[0], error_rate=1.5)
+
+
+# ---------------------------------------------------------------- checker
+
+
+def test_checker_accepts_right_solution_and_swapped_operands():
+    c = check_steps(HAND, solution(RIGHT))
+    assert (c.first_wrong_step, c.final_correct, c.n_steps) == (None, True, 4)
+    assert c.expected == ["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18", "18 / 3 = 6"]
+    swapped = solution(["Step 1: 5 + 7 = 12", *RIGHT[1:2], "Step 3: 2 × 9 = 18", RIGHT[3]])
+    assert check_steps(HAND, swapped).first_wrong_step is None
+
+
+def test_checker_wrong_arithmetic_at_step_3():
+    text = solution([*RIGHT[:2], "Step 3: 9 * 2 = 19", "Step 4: 19 / 3 = 6\nThe answer is \\boxed{6}."])
+    c = check_steps(HAND, text)
+    assert c.first_wrong_step == 3 and "arithmetic" in c.reason
+    assert c.final_correct  # right answer by luck, wrong steps
+
+
+def test_checker_wrong_operand_at_step_2():
+    text = solution([RIGHT[0], "Step 2: 12 - 4 = 8", "Step 3: 8 * 2 = 16", "Step 4: 16 / 3 = 5\nThe answer is \\boxed{5}."])
+    c = check_steps(HAND, text)
+    assert c.first_wrong_step == 2 and "operand" in c.reason and not c.final_correct
+
+
+def test_checker_wrong_previous_value_and_operation():
+    assert check_steps(HAND, solution([RIGHT[0], "Step 2: 11 - 3 = 8"])).first_wrong_step == 2
+    c = check_steps(HAND, solution([RIGHT[0], "Step 2: 12 + 3 = 15"]))
+    assert c.first_wrong_step == 2 and "operation" in c.reason
+
+
+def test_checker_missing_and_extra_steps():
+    c = check_steps(HAND, solution(RIGHT[:2]) + "\nThe answer is \\boxed{9}.")
+    assert (c.first_wrong_step, c.reason, c.final_correct) == (3, "missing step", False)
+    c = check_steps(HAND, solution(RIGHT[:3] + ["Step 4: 18 / 3 = 6", "Step 5: 6 + 1 = 7"]))
+    assert (c.first_wrong_step, c.reason) == (5, "extra step")
+
+
+@pytest.mark.parametrize("garbage", ["", "hello world", "\\boxed{", "= = 3 + ", "9" * 5000 + " + 1 = 2", "Step 99: 1 / 0 = 0"])
+def test_checker_garbage_is_wrong_at_step_1(garbage):
+    c = check_steps(HAND, garbage)
+    assert c.first_wrong_step == 1 and not c.final_correct
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789 +-*/=x÷\n:Step<|reflect|>{}\\boxed")) | st.characters(), max_size=200))
+def test_checker_never_raises(text):
+    c = check_steps(HAND, text)
+    assert c.first_wrong_step is None or 1 <= c.first_wrong_step <= 5
+
+
+def test_checker_coat_text():
+    coat = "<|continue|>".join(RIGHT)
+    assert check_steps(HAND, coat).first_wrong_step is None
+    # a wrong step 2, a reflection naming it, an exploration that redoes it and continues
+    text = (
+        RIGHT[0] + "<|continue|>Step 2: 12 - 3 = 8<|continue|>Step 3: 8 * 2 = 16"
+        "<|reflect|>Wait, let me check step 2. 12 - 3 = 8 is wrong, it should be 12 - 3 = 9."
+        "<|explore|>Step 2: 12 - 3 = 9<|continue|>" + "<|continue|>".join(RIGHT[2:])
+    )
+    c = check_steps(HAND, text)
+    assert c.first_wrong_step is None and c.final_correct and c.n_steps == 4
+    # same but never corrected: the checker sees the wrong line
+    bad = text.split("<|explore|>")[0] + "\nThe answer is \\boxed{16}."
+    assert check_steps(HAND, bad).first_wrong_step == 2
+    # a verification step that quotes a wrong equation does not count as a step
+    verified = "<|continue|>".join(RIGHT[:2]) + "<|reflect|>Let me verify: 12 - 3 = 10? No." + "<|continue|>" + "<|continue|>".join(RIGHT[2:])
+    assert check_steps(HAND, verified).first_wrong_step is None
+
+
+def test_verify_step_and_correct_step_text():
+    assert correct_step_text(HAND, 3) == "9 * 2 = 18"
+    assert verify_step(HAND, 3, "Step 3: 9 * 2 = 18")
+    assert verify_step(HAND, 1, "5 + 7 = 12")
+    assert not verify_step(HAND, 3, "9 * 2 = 19")
+    assert not verify_step(HAND, 3, "no equation here")
+    for k in (0, 5):
+        with pytest.raises(SatoriError):
+            correct_step_text(HAND, k)
+    with pytest.raises(SatoriError):
+        check_steps(Problem(id="x", question="q", answer="1"), "Step 1: 1 + 1 = 2")
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    problems = make_problems("train", 300, seed=0)
+    return build_tokenizer([plain_prompt(p.question) + p.solution for p in problems], vocab_size=512)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_tokenizer_round_trip(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_digits_and_prompt_boundary(tokenizer):
+    ids = tokenizer("x 12345 = 678", add_special_tokens=False).input_ids
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert [p for p in pieces if p.isdigit()] == list("12345678")
+    p = make_problems("test", 1)[0]
+    prompt = plain_prompt(p.question)
+    joint = tokenizer(prompt + p.solution, add_special_tokens=False).input_ids
+    assert joint == tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(p.solution, add_special_tokens=False).input_ids
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+
+
+def test_model_save_load_with_auto_classes(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(len(tokenizer), "tiny", tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([tok2("Step 1: 7 + 5 = 12").input_ids])
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
+    small = build_model(len(tokenizer), "small")
+    assert 1_000_000 <= sum(p.numel() for p in small.parameters()) <= 10_000_000
+    with pytest.raises(SatoriError):
+        build_model(100, "huge")
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def test_lr_schedule():
+    cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+TINY = dict(model_size="tiny", steps=3, batch_size=4, n_valid=5, max_new_tokens=6, tokenizer_corpus=50, vocab_size=400, warmup_steps=1)
+
+
+def test_tiny_pretrain_is_deterministic_and_writes_build_info(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        m1 = pretrain(tmp_path / "a", seed=5, **TINY)
+        m2 = pretrain(tmp_path / "b", seed=5, **TINY)
+        m3 = pretrain(tmp_path / "c", seed=6, **TINY)
+    finally:
+        torch.set_num_threads(threads)
+    w1, w2, w3 = (load_file(tmp_path / d / "model.safetensors") for d in "abc")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
+    assert m1["loss_curve"] == m2["loss_curve"]
+    info = json.loads((tmp_path / "a" / "build_info.json").read_text())
+    assert info["config"]["seed"] == 5 and info["config"]["steps"] == 3
+    assert 0.0 <= info["valid"]["accuracy"] <= 1.0 and "satori_version" in info and "seconds" in info
+    assert not (tmp_path / "a.tmp").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    AutoTokenizer.from_pretrained(tmp_path / "a")
+    with pytest.raises(SatoriError):
+        pretrain(tmp_path / "a", seed=5, **TINY)
+    with pytest.raises(SatoriError):
+        pretrain(tmp_path / "d", no_such_setting=1)
+    assert m3["config"]["seed"] == 6
