@@ -10,6 +10,11 @@ import torch
 
 torch.set_num_threads(1)
 
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
 
 def _corpus(n: int = 200) -> list[str]:
     from satori.data import plain_prompt

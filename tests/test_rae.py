@@ -58,7 +58,7 @@ def _samples(problems):
         if i % 4 != 2:  # every 4th has only correct ones
             out += [{"id": p.id, "question": p.question, "response": _coat(i, "0", 3 + j), "correct": False,
                      "sample": 2 + j} for j in range(2)]
-        out.append({"id": p.id, "question": p.question, "response": _coat(i, "7") [:20], "correct": False,
+        out.append({"id": p.id, "question": p.question, "response": _coat(i, "7")[:20], "correct": False,
                     "truncated": True, "sample": 9})
     return out
 

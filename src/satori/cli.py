@@ -65,6 +65,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     """name -> (config class, runner, help, extra-argument adder)."""
     from satori.evaluate import EvalConfig
     from satori.testbed.pretrain import PretrainConfig
+    from satori.train.distill import DistillConfig, run_distill
     from satori.train.ppo import RLConfig, run_rl
     from satori.train.sft import SFTConfig, run_sft
 
@@ -79,6 +80,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
                 "SFT baselines", None),
         "rl": (RLConfig, _print_result(run_rl), "PPO (or GRPO / RLOO) with Restart-and-Explore and the "
                "Satori reward", None),
+        "distill": (DistillConfig, _print_result(run_distill), "sample the RL policy, keep the hardest solved "
+                    "problems, fine-tune the base model on them", None),
     }
 
 

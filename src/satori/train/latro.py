@@ -227,7 +227,7 @@ def build_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Ten
             raise SatoriError("a rollout has an empty prompt")
         ids[b, : p + z + y] = torch.tensor(r.prompt_ids + r.rationale_ids + r.answer_ids, dtype=torch.long)
         attn[b, : p + z + y] = 1
-        z_mask[b, p: p + z] = 1.0
+        z_mask[b, p - 1: p - 1 + z] = 1.0
         y_mask[b, p - 1 + z: p - 1 + z + y] = 1.0
     return {"input_ids": ids, "attention_mask": attn, "z_mask": z_mask, "y_mask": y_mask}
 

@@ -1,0 +1,293 @@
+"""The run report: claims on hand-made results, the written files, escaping, and the HTML in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from satori.report import compute_claims, length_claim, mean_std, script_json, smooth, write_report
+
+XSS = "<script>alert(1)</script>"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def metrics(pass1: float, reflect: float = 0.3, ft: int = 2, tf: int = 1, levels: dict | None = None,
+            maj: float | None = None) -> dict:
+    """A metrics dict shaped like satori.evaluate.compute_metrics output."""
+    m = {
+        "n": 50, "pass@1": pass1, "format_compliance": 0.9, "reflect_rate": reflect, "explore_rate": reflect / 2,
+        "truncation_rate": 0.0, "mean_tokens": 80.0,
+        "reflection": {"n_reflected": ft + tf + 3, "counts": {"F->T": ft, "T->F": tf, "T->T": 2, "F->F": 1},
+                       "f_to_t_share": ft / (ft + tf) if ft + tf else 0.0,
+                       "t_to_f_share": tf / (ft + tf) if ft + tf else 0.0,
+                       "f_to_t_rate": 0.0, "t_to_f_rate": 0.0},
+    }
+    if maj is not None:
+        m.update({"k": 8, "pass@8": maj + 0.1, "maj@8": maj, "sample_accuracy": pass1})
+    if levels:
+        m["by_level"] = {str(lv): {"n": 10, "pass@1": v} for lv, v in levels.items()}
+    return m
+
+
+def model(label: str, per_seed: list[float], **kw) -> dict:
+    return {"label": label, "seeds": {str(i): {"test": metrics(p, **kw), "ood": metrics(p / 2)}
+                                      for i, p in enumerate(per_seed)}}
+
+
+def curve(lengths: list[float], reward0: float = -0.8) -> list[dict]:
+    return [{"step": i + 1, "reward": reward0 + 0.02 * i, "accuracy": 0.2 + 0.01 * i, "response_length": v}
+            for i, v in enumerate(lengths)]
+
+
+DIP = [100, 90, 80, 70, 60, 55, 60, 70, 85, 100, 110, 120]
+
+
+@pytest.fixture()
+def results() -> dict:
+    """Two seeds; rl_round1 beats sft_coat, loses to rl_no_rae; rl_cot and sft_gold missing."""
+    return {
+        "preset": "quick", "date": "2026-11-22T01:00:00", "command": "satori run configs/quick.yaml",
+        "seconds": 812.3, "version": "0.1.0", "seeds": [0, 1],
+        "models": {
+            "base": model("testbed base model", [0.10, 0.12], reflect=0.0, ft=0, tf=0),
+            "sft_coat": model("format tuned", [0.30, 0.32], ft=1, tf=3, levels={1: 0.5, 2: 0.2}, maj=0.35),
+            "rl_round1": model("PPO round 1", [0.40, 0.44], ft=3, tf=1, levels={1: 0.7, 2: 0.3}, maj=0.45),
+            "rl_round2": model("PPO round 2", [0.45, 0.47]),
+            "rl_no_rae": model("no RAE", [0.50, 0.52]),
+            "latro": model("LaTRO | gold", [0.20, 0.22], reflect=0.0, ft=0, tf=0),
+        },
+        "curves": {
+            "rl_round1": {"0": curve(DIP), "1": curve([v + 4 for v in DIP])},
+            "rl_no_rae": {"0": curve([100 - 2 * i for i in range(12)]), "1": curve([98 - 2 * i for i in range(12)])},
+            "latro": {"0": [{"step": i + 1, "reward": -3.0 + 0.1 * i, "kl": 0.01 * i} for i in range(10)]},
+        },
+        "trajectories": [
+            {"model": "rl_round1", "id": "test-3", "question": "What is 3 * 6?", "answer": "18",
+             "response": "Step 1: 3*6 = 16.<|reflect|>Check: 3*6 is 18, not 16.<|explore|>So the answer is "
+                         "\\boxed{18}.", "extracted": "18", "correct": True},
+            {"model": "sft_coat", "id": "test-4", "question": "a < b & c?", "answer": "7",
+             "response": "Step 1: " + XSS + "<|continue|>\\boxed{5}", "extracted": "5", "correct": False},
+        ],
+        "stages": [{"name": "pretrain", "seconds": 1.2, "skipped": True},
+                   {"name": "ppo_round1", "seconds": 300.5, "skipped": False}],
+    }
+
+
+def by_name(claims: list[dict]) -> dict[str, dict]:
+    return {c["name"]: c for c in claims}
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def test_claims_held_not_held_and_missing(results):
+    claims = by_name(compute_claims(results))
+    held = claims["RL beats format tuning"]
+    assert held["held"] is True
+    assert held["numbers"]["mean_a"] == pytest.approx(0.42) and held["numbers"]["mean_b"] == pytest.approx(0.31)
+    assert held["numbers"]["diff"] == pytest.approx(0.11)
+    assert held["numbers"]["significant"] is True  # 0.11 > pooled std ≈ 0.021
+    assert "n=2" in held["detail"] and "42.0 ± 2.8" in held["detail"]
+    assert claims["RAE helps"]["held"] is False
+    assert claims["round 2 ≥ round 1"]["held"] is True
+    assert claims["LaTRO beats the base model"]["held"] is True
+    for name in ("COAT beats plain CoT", "LaTRO beats SFT on gold rationales", "the ORM bonus helps"):
+        assert claims[name]["held"] is None and claims[name]["detail"].startswith("Not measured")
+    # F→T share: 3/4 after RL vs 1/4 before
+    ft = claims["F→T rises after RL"]
+    assert ft["held"] is True and ft["numbers"]["mean_a"] == pytest.approx(0.75)
+    assert len(claims) == 10
+
+
+def test_round2_equal_counts_as_held_but_equal_beats_does_not(results):
+    results["models"]["rl_round2"] = model("PPO round 2", [0.40, 0.44])
+    results["models"]["sft_coat"] = model("format tuned", [0.40, 0.44])
+    claims = by_name(compute_claims(results))
+    assert claims["round 2 ≥ round 1"]["held"] is True
+    assert claims["RL beats format tuning"]["held"] is False
+    assert claims["RL beats format tuning"]["numbers"]["significant"] is False
+
+
+def test_reflection_share_without_changed_answers_is_not_measured(results):
+    results["models"]["sft_coat"] = model("format tuned", [0.3], ft=0, tf=0)
+    claim = by_name(compute_claims(results))["F→T rises after RL"]
+    assert claim["held"] is None
+
+
+def test_mean_std_over_three_seeds():
+    results = {"models": {"rl_round1": model("r1", [0.2, 0.4, 0.6]), "sft_coat": model("s", [0.1, 0.2, 0.3])}}
+    claim = by_name(compute_claims(results))["RL beats format tuning"]
+    n = claim["numbers"]
+    assert n["n_a"] == 3 and n["mean_a"] == pytest.approx(0.4) and n["std_a"] == pytest.approx(0.2)
+    assert n["std_b"] == pytest.approx(0.1)
+    assert n["pooled_std"] == pytest.approx(math.sqrt((0.04 + 0.01) / 2))
+    assert n["significant"] is True  # diff 0.2 > pooled std 0.158
+    assert "40.0 ± 20.0 (n=3)" in claim["detail"] and "20.0 ± 10.0 (n=3)" in claim["detail"]
+
+
+def test_one_seed_has_no_significance():
+    results = {"models": {"rl_round1": model("r1", [0.5]), "sft_coat": model("s", [0.1])}}
+    claim = by_name(compute_claims(results))["RL beats format tuning"]
+    assert claim["held"] is True and claim["numbers"]["significant"] is None
+    assert "±" not in claim["detail"]
+
+
+def test_length_drop_then_grow_rule():
+    dip = {"curves": {"rl_round1": {"0": curve(DIP)}}}
+    c = length_claim(dip)
+    assert c["held"] is True and c["numbers"]["min_step"] == 6
+    falling = {"curves": {"rl_round1": {"0": curve([100 - 5 * i for i in range(12)])}}}
+    assert length_claim(falling)["held"] is False
+    rising = {"curves": {"rl_round1": {"0": curve([50 + 5 * i for i in range(12)])}}}
+    assert length_claim(rising)["held"] is False
+    short = {"curves": {"rl_round1": {"0": curve([100, 50, 100])}}}
+    assert length_claim(short)["held"] is None
+    assert length_claim({})["held"] is None
+
+
+def test_smooth_and_mean_std_helpers():
+    assert smooth([0, 3, 6, 9], 3) == [1.5, 3.0, 6.0, 7.5]
+    assert mean_std([2.0]) == (2.0, 0.0)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_script_json_cannot_close_the_script_element():
+    text = script_json({"r": XSS + "</SCRIPT>&"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"r": XSS + "</SCRIPT>&"}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_write_report_files(results, tmp_path):
+    paths = write_report(results, tmp_path / "report")
+    for key in ("markdown", "html", "json", "plot_rl_reward", "plot_rl_accuracy", "plot_rl_response_length",
+                "plot_accuracy_by_level", "plot_behaviour", "plot_other_curves"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 1000, key
+        if key.startswith("plot_"):
+            assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(paths["json"].read_text())
+    assert saved["models"].keys() == results["models"].keys()
+    assert [c["name"] for c in saved["claims"]] == [c["name"] for c in compute_claims(results)]
+    for c in saved["claims"]:
+        assert {"name", "held", "numbers"} <= c.keys()
+    md = paths["markdown"].read_text()
+    for name in results["models"]:
+        assert f"\n| {name} |" in md
+    assert "| RL beats format tuning | held |" in md
+    assert "| RAE helps | not held |" in md
+    assert "| COAT beats plain CoT | not measured |" in md
+    assert "LaTRO \\| gold" in md  # a pipe in a label does not break the table
+    assert "42.0 ± 2.8" in md and "maj@8 (%)" in md
+    assert "![" in md and "(plots/rl_reward.png)" in md
+    assert "| pretrain | 1.2 | yes (cached) |" in md
+    assert "satori run configs/quick.yaml" in md and "13 min 32 s" in md
+
+
+def test_write_report_minimal_input(tmp_path):
+    paths = write_report({"models": {"base": model("b", [0.1])}}, tmp_path)
+    assert paths["html"].is_file() and "plot_rl_reward" not in paths
+    claims = json.loads(paths["json"].read_text())["claims"]
+    assert all(c["held"] is None for c in claims)
+
+
+def test_html_escapes_model_output(results, tmp_path):
+    page = write_report(results, tmp_path)["html"].read_text()
+    assert XSS not in page and "<script>alert" not in page
+    assert page.count("<script") == 2  # the JSON data element and our own viewer script
+    assert "\\u003cscript\\u003ealert(1)" in page
+
+
+# --------------------------------------------------------------------------- Chromium
+
+
+class DomIndex(HTMLParser):
+    """Element ids, classes, img sources and text from a serialised DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.classes: list[set[str]] = []
+        self.img_src: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        self.classes.append(set((a.get("class") or "").split()))
+        if tag == "img":
+            self.img_src.append(a.get("src") or "")
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def count_class(self, *names: str) -> int:
+        return sum(set(names) <= c for c in self.classes)
+
+
+def chromium_or_skip() -> str:
+    if Path(CHROMIUM).exists() or shutil.which("chromium"):
+        return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    reason = "chromium not installed (apt-get install -y chromium chromium-driver)"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
+def test_html_in_headless_chromium(results, tmp_path):
+    from PIL import Image
+
+    binary = chromium_or_skip()
+    page = write_report(results, tmp_path / "out")["html"]
+    url = page.resolve().as_uri()
+    proc = run_chromium(binary, tmp_path / "profile", "--dump-dom", url)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = DomIndex()
+    dom.feed(proc.stdout)
+    assert {"results-table", "claims-table", "stages-table", "traj-list"} <= dom.ids
+    # plots: embedded PNGs that decode to real images
+    pngs = [s for s in dom.img_src if s.startswith("data:image/png;base64,")]
+    assert len(pngs) == 6
+    for src in pngs:
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert img.size[0] > 100 and img.size[1] > 100
+    # the viewer was built by the script: cards, steps with highlight classes and badges
+    assert dom.count_class("traj") == 2
+    assert dom.count_class("step", "step-reflect") == 1
+    assert dom.count_class("step", "step-explore") == 1
+    assert dom.count_class("step", "step-continue") == 3
+    assert dom.count_class("badge", "badge-reflect") >= 2  # legend + the step
+    assert dom.count_class("verdict", "wrong") == 1
+    text = "".join(dom.text)
+    assert "showing 2 of 2" in text
+    assert XSS in text  # shown as text ...
+    assert dom.tags.count("script") == 2  # ... never as an element (only our two scripts)
+    # a screenshot of the page is a real, non-blank image
+    shot = tmp_path / "shot.png"
+    proc = run_chromium(binary, tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1280,2400",
+                        "--hide-scrollbars", url)
+    assert shot.is_file(), proc.stderr[-2000:]
+    assert shot.stat().st_size > 20_000
+    img = Image.open(shot).convert("RGB")
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50
