@@ -9,7 +9,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${SATORI_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # headless Chromium for the report test (Debian packages), when we can install system packages
