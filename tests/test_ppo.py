@@ -81,3 +81,38 @@ def test_restart_state_longer_than_context_is_refused(tmp_path, tiny_coat):
 def test_policy_without_coat_tokens_is_refused(tmp_path, tiny_base):
     with pytest.raises(SatoriError, match="format tuning|add_coat_tokens"):
         run_rl(rl_cfg(tmp_path, tiny_base, "nocoat"))
+
+
+def make_orm(src, dst, poison=False):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    orm = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+    orm.config.pad_token_id = tok.pad_token_id
+    if poison:
+        with torch.no_grad():
+            orm.score.weight.fill_(float("nan"))
+    orm.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def test_orm_reward_and_critic_from_orm(tmp_path, tiny_coat):
+    orm = make_orm(tiny_coat, tmp_path / "orm")
+    run_rl(rl_cfg(tmp_path, tiny_coat, "withorm", orm=str(orm), critic_init="orm", steps=1))
+    row = metrics(tmp_path / "withorm")[0]
+    assert 0 < row["reward_orm"] < 1 and row["reward"] == pytest.approx(row["reward_rule"] + row["reward_orm"]
+                                                                         + row["reward_bonus"], abs=1e-6)
+
+
+def test_orm_with_another_tokenizer_is_refused(tmp_path, tiny_coat, tiny_base):
+    orm = make_orm(tiny_base, tmp_path / "orm_base")
+    with pytest.raises(SatoriError, match="ORM .* vs policy"):
+        run_rl(rl_cfg(tmp_path, tiny_coat, "mismatch", orm=str(orm)))
+
+
+def test_nan_reward_is_refused(tmp_path, tiny_coat):
+    orm = make_orm(tiny_coat, tmp_path / "orm_nan", poison=True)
+    with pytest.raises(SatoriError, match="reward is NaN"):
+        run_rl(rl_cfg(tmp_path, tiny_coat, "nan", orm=str(orm)))

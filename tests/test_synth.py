@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from satori.synth import agents as ag
 from satori.synth import trajectory as tj
 from satori.synth.pipeline import Agents, _select, load_orm, prepare_agents, run_llm_critic, shipped_base_model
 from satori.testbed.checker import check_steps
-from satori.testbed.tasks import make_problems, reference_solution
+from satori.testbed.tasks import make_problems
 
 SHIPPED = shipped_base_model()
 HAVE_SHIPPED = (SHIPPED / "config.json").is_file()
@@ -230,7 +230,7 @@ def test_rule_and_orm_selectors(tmp_path, tiny_base, problems):
     p = _level(problems, 3)
     finals = _two_corrections(p)
     texts = [tj.response(t) for _, t in finals]
-    args = ([p], finals, [ {} ], [None], [__import__("hashlib").sha256()])
+    args = ([p], finals, [{}], [None], [hashlib.sha256()])
     cfg = SynthConfig()
     rule = _select(Agents(AgentConfig("hf"), AgentConfig("rule"), AgentConfig("rule")), cfg, *args)
     (rec,) = rule[0]["records"]

@@ -65,7 +65,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     """name -> (config class, runner, help, extra-argument adder)."""
     from satori.evaluate import EvalConfig
     from satori.testbed.pretrain import PretrainConfig
+    from satori.rae import RAEConfig, run_rae
     from satori.train.distill import DistillConfig, run_distill
+    from satori.train.orm import ORMConfig, run_orm
     from satori.train.ppo import RLConfig, run_rl
     from satori.train.sft import SFTConfig, run_sft
 
@@ -78,6 +80,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
         "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
         "sft": (SFTConfig, _print_result(run_sft), "supervised fine-tuning: format tuning, distillation, "
                 "SFT baselines", None),
+        "orm": (ORMConfig, _print_result(run_orm), "train a Bradley-Terry outcome reward model on a policy's "
+                "samples", None),
+        "rae": (RAEConfig, _print_result(run_rae), "build Restart-and-Explore initial states from a policy's "
+                "samples", None),
         "rl": (RLConfig, _print_result(run_rl), "PPO (or GRPO / RLOO) with Restart-and-Explore and the "
                "Satori reward", None),
         "distill": (DistillConfig, _print_result(run_distill), "sample the RL policy, keep the hardest solved "

@@ -24,8 +24,11 @@ are not marked done), ``config.json`` and ``summary.json``.
 
 Resume: records of a batch are appended and fsynced before the batch's done markers. A
 re-run with the same folder drops records of problems without a done marker (a batch cut
-short) and any half-written line, then skips done problems. A batch is always regenerated
-whole with its own seed, so a resumed run writes the same records as an uninterrupted one.
+short) and any half-written line, then skips done problems. With a local (``hf``)
+generator a batch cut short is regenerated whole with its own seed, so a resumed run writes
+the same records as an uninterrupted one (same seed, data and batch settings); with an
+``openai`` generator only the missing problems are requested again (per-problem seeds).
+A problem whose requests failed is reported in ``errors.jsonl`` and retried by the next run.
 """
 
 from __future__ import annotations

@@ -216,9 +216,9 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     if cfg.orm:
         from satori.train.orm import check_same_tokenizer, load_orm
 
-        orm_tok = load_tokenizer(cfg.orm)
+        orm, orm_tok = load_orm(cfg.orm)
         check_same_tokenizer(tokenizer, orm_tok, where=f"ORM {cfg.orm} vs policy {cfg.policy}")
-        orm = load_orm(cfg.orm)
+        orm.requires_grad_(False)
     critic = None
     if cfg.advantage == "gae":
         init = cfg.orm if cfg.critic_init == "orm" and cfg.orm else cfg.policy
