@@ -2,7 +2,7 @@
 
 import pytest
 
-from satori.coat import CONTINUE, EXPLORE, REFLECT
+from satori.coat import EXPLORE, REFLECT
 from satori.data import Problem
 from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, pass_at_k, response_record
 from satori.rollout import Sample

@@ -8,8 +8,9 @@ import pytest
 from satori.coat import CONTINUE, EXPLORE, REFLECT, parse_steps
 from satori.data import DataConfig, Problem
 from satori.errors import SatoriError
+from satori.evaluate import read_samples
 from satori.rae import (
-    RAEConfig, build_initial_states, check_fit, cut_trajectory, group_samples, read_samples, run_rae,
+    RAEConfig, build_initial_states, check_fit, cut_trajectory, group_samples, run_rae,
 )
 
 C, R, E = CONTINUE, REFLECT, EXPLORE

@@ -40,10 +40,10 @@ from typing import Any, ClassVar, Sequence
 
 from satori.coat import REFLECT, coat_token_ids, parse_steps, render_steps
 from satori.config import check, to_dict
-from satori.data import DataConfig, Problem, build_prompt, load_problems, read_jsonl
+from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
-from satori.grading import grade_batch
-from satori.rollout import generate, load_model, load_tokenizer
+from satori.rollout import load_model, load_tokenizer
+from satori.evaluate import read_samples, sample_graded
 from satori.utils import seed_everything, set_threads, write_json, write_jsonl
 
 STATUS_ORIGINAL, STATUS_POSITIVE, STATUS_NEGATIVE = 0, 1, -1
@@ -85,57 +85,6 @@ class RAEConfig:
 
 
 # --------------------------------------------------------------------------- graded samples
-
-
-def sample_graded(model: Any, tokenizer: Any, problems: Sequence[Problem], *, k: int, temperature: float,
-                  max_new_tokens: int, seed: int, batch_size: int = 64, last_number_fallback: bool = False,
-                  progress: bool = True) -> list[dict[str, Any]]:
-    """Sample ``k`` responses per problem and grade them: one flat record per sample
-    (``id``, ``question``, ``answer``, ``response``, ``correct``, ``truncated``, ``sample``)."""
-    prompts = [build_prompt(p, tokenizer) for p in problems]
-    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, n=k,
-                       batch_size=batch_size, seed=seed, progress=progress, desc=f"sample k={k}")
-    graded = grade_batch([s.text for s in samples], [problems[s.index].answer for s in samples],
-                         truncated=[s.truncated for s in samples], last_number_fallback=last_number_fallback)
-    return [{"id": problems[s.index].id, "question": problems[s.index].question, "answer": problems[s.index].answer,
-             "response": s.text, "correct": bool(ok), "truncated": s.truncated, "sample": s.meta["sample"]}
-            for s, (_, ok) in zip(samples, graded)]
-
-
-def read_samples(path: str | Path, last_number_fallback: bool = False) -> list[dict[str, Any]]:
-    """Graded samples from a JSONL file: each line needs ``response``, ``id`` or ``question``,
-    and ``correct`` (a bool) or an ``answer`` to grade against. Errors name the line."""
-    records = read_jsonl(path)
-    if not records:
-        raise SatoriError(f"{path}: no samples")
-    to_grade = []
-    for i, rec in enumerate(records, 1):
-        where = f"{path}:{i}"
-        if not isinstance(rec.get("response"), str):
-            raise SatoriError(f"{where}: missing or non-text field 'response'")
-        if not isinstance(rec.get("id"), (str, int)) and not isinstance(rec.get("question"), str):
-            raise SatoriError(f"{where}: a sample needs an 'id' or a 'question'")
-        if "correct" in rec:
-            if not isinstance(rec["correct"], bool):
-                raise SatoriError(f"{where}: field 'correct' must be true or false, got {rec['correct']!r}")
-        elif isinstance(rec.get("answer"), (str, int, float)) and not isinstance(rec.get("answer"), bool):
-            to_grade.append(i - 1)
-        else:
-            raise SatoriError(f"{where}: needs a 'correct' flag or an 'answer' to grade against")
-    if to_grade:
-        res = grade_batch([records[j]["response"] for j in to_grade], [str(records[j]["answer"]) for j in to_grade],
-                          truncated=[bool(records[j].get("truncated", False)) for j in to_grade],
-                          last_number_fallback=last_number_fallback)
-        for j, (_, ok) in zip(to_grade, res):
-            records[j]["correct"] = bool(ok)
-    out = []
-    for rec in records:
-        r = dict(rec)
-        if "id" in r:
-            r["id"] = str(r["id"])
-        r["truncated"] = bool(r.get("truncated", False))
-        out.append(r)
-    return out
 
 
 def group_samples(problems: Sequence[Problem], samples: Sequence[dict[str, Any]]

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from satori.config import check
-from satori.data import DataConfig, build_prompt, load_problems, read_jsonl
+from satori.data import DataConfig, load_problems, read_jsonl
 from satori.errors import SatoriError
-from satori.grading import grade_batch
-from satori.rollout import generate, load_model, load_tokenizer
+from satori.evaluate import sample_graded
+from satori.rollout import load_model, load_tokenizer
 from satori.train.sft import SFTConfig, run_sft
 from satori.utils import seed_everything, set_threads, write_json, write_jsonl
 
@@ -96,17 +96,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if pool_path.exists():  # sampling is the expensive part: a re-run reuses it
         samples = read_jsonl(pool_path)
     else:
-        tokenizer = load_tokenizer(cfg.policy)
-        model = load_model(cfg.policy)
-        problems = load_problems(cfg.data)
-        prompts = [build_prompt(p, tokenizer) for p in problems]
-        gen = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       n=cfg.n_samples, batch_size=cfg.batch_size, seed=cfg.seed, progress=True, desc="distill pool")
-        graded = grade_batch([s.text for s in gen], [problems[s.index].answer for s in gen],
-                             truncated=[s.truncated for s in gen], last_number_fallback=False)
-        samples = [{"id": problems[s.index].id, "question": problems[s.index].question,
-                    "answer": problems[s.index].answer, "response": s.text, "extracted": ext, "correct": bool(ok)}
-                   for s, (ext, ok) in zip(gen, graded)]
+        samples = sample_graded(load_model(cfg.policy), load_tokenizer(cfg.policy), load_problems(cfg.data),
+                                k=cfg.n_samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed, batch_size=cfg.batch_size)
         write_jsonl(pool_path, samples)
     chosen, stats = select_hardest_solved(samples, cfg.keep_fraction, cfg.max_success_rate)
     if not chosen:

@@ -50,7 +50,7 @@ from satori.algos import bradley_terry_loss
 from satori.config import check, to_dict
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
-from satori.rae import read_samples, sample_graded
+from satori.evaluate import read_samples, sample_graded
 from satori.rollout import load_model, load_tokenizer
 from satori.train.common import (
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
