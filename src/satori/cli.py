@@ -61,6 +61,21 @@ def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argpars
     return run
 
 
+def _cmd_run(cfg: Any, args: argparse.Namespace) -> None:
+    import shlex
+
+    from satori.config import load_config
+    from satori.pipeline import PipelineConfig, dry_run, run_pipeline
+
+    pipeline_cfg = load_config(PipelineConfig, args.pipeline_config)
+    if cfg.out:
+        pipeline_cfg.out = cfg.out
+    if cfg.dry_run:
+        dry_run(pipeline_cfg)
+        return
+    run_pipeline(pipeline_cfg, command="satori " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
 def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], None], str, Callable | None]]:
     """name -> (config class, runner, help, extra-argument adder)."""
     from satori.evaluate import EvalConfig
@@ -71,10 +86,16 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     from satori.train.ppo import RLConfig, run_rl
     from satori.train.sft import SFTConfig, run_sft
 
+    from satori.pipeline import RunConfig
+
     def grade_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("input", help="JSONL file of records to grade")
 
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("pipeline_config", metavar="CONFIG", help="pipeline YAML (e.g. configs/quick.yaml)")
+
     return {
+        "run": (RunConfig, _cmd_run, "run the whole pipeline from a YAML config and write the report", run_args),
         "grade": (GradeConfig, _cmd_grade, "grade responses in a JSONL file", grade_args),
         "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
         "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
