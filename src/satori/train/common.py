@@ -40,9 +40,26 @@ def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no") -> An
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
-def autocast(enabled: bool, device_type: str = "cpu") -> Any:
-    """bf16 autocast (CPU or CUDA) or a no-op context."""
+def autocast(enabled: bool) -> Any:
+    """bf16 autocast on the device in use (CUDA when present, else CPU), or a no-op context."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def save_final_model(acc: Any, model: Any, out: str | Path, tokenizer: Any = None) -> None:
+    """Save a trained (possibly wrapped / sharded) model with ``save_pretrained``.
+
+    Call on every process: under DeepSpeed ZeRO-3 or FSDP the full state dict has to be
+    gathered collectively; only the main process writes.
+    """
+    state_dict = acc.get_state_dict(model)
+    unwrapped = acc.unwrap_model(model)
+    unwrapped.config.use_cache = True
+    if acc.is_main_process:
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    acc.wait_for_everyone()
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:

@@ -48,7 +48,7 @@ from satori.grading import grade_batch
 from satori.rollout import generate, load_model, load_tokenizer, pack_sequences, token_logprobs
 from satori.train.common import (
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
-    make_scheduler, save_checkpoint,
+    make_scheduler, save_checkpoint, save_final_model,
 )
 from satori.utils import seed_everything, set_threads, write_json
 
@@ -371,13 +371,10 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                 raise SatoriError(f"stopped by signal at step {done}; resume with --resume")
     log.close()
     acc.wait_for_everyone()
+    save_final_model(acc, policy, out, tokenizer)
+    if critic is not None:
+        save_final_model(acc, critic, out / "critic")
     if acc.is_main_process:
-        final = acc.unwrap_model(policy)
-        final.config.use_cache = True
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if critic is not None:
-            acc.unwrap_model(critic).save_pretrained(out / "critic", safe_serialization=True)
         write_json(out / "rl_result.json", {"config": to_dict(cfg), "last_step": result,
                                              "seconds": round(time.time() - t0, 2), "bad_steps": bad_steps})
     acc.wait_for_everyone()

@@ -35,7 +35,7 @@ from satori.errors import SatoriError
 from satori.rollout import load_model, load_tokenizer, token_logprobs
 from satori.train.common import (
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
-    make_scheduler, save_checkpoint,
+    make_scheduler, save_checkpoint, save_final_model,
 )
 from satori.utils import seed_everything, set_threads, write_json
 
@@ -300,11 +300,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                   f"(checkpoint in {out / 'checkpoints'})")
     log.close()
     acc.wait_for_everyone()
+    save_final_model(acc, model, out, tokenizer)
     if acc.is_main_process:
-        final = acc.unwrap_model(model)
-        final.config.use_cache = True
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
         result.update(seconds=round(time.time() - t0, 2), bad_steps=bad_steps)
         write_json(out / "sft_result.json", {"config": to_dict(cfg), "result": result})
     acc.wait_for_everyone()
