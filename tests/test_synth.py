@@ -317,6 +317,25 @@ def test_hf_llm_critic_plumbing(tmp_path, tiny_base, problems):
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     # an untrained model's reply is not parseable feedback
     assert all(ag.parse_critic_reply(r, "correct", 3) is None for r in replies)
+    # a verification is only written about a step that is right
+    wrong = _steps(_wrong_at(_level(problems, 4), 2))
+    assert {ag.rule_verification(_level(problems, 4), wrong, f"k{i}", True).after for i in range(8)} == {1}
+
+
+def test_openai_critic_and_instruction_mode(tmp_path, tiny_base, problems):
+    from satori.synth import backends as be
+
+    with _ModelServer(tiny_base) as server:
+        critic = AgentConfig(backend="openai", base_url=server.base_url, model="testbed", api_key_env="",
+                             max_new_tokens=8)
+        agents = prepare_agents(_cfg(tmp_path / "x", tiny_base, critic=critic), problems[:2])
+        prompts = [ag.critic_prompt(p, _steps(p.solution), "verify") for p in problems[:2]]
+        replies = run_llm_critic(agents, prompts, seed=0)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert [b["messages"][0]["content"] for b in server.bodies] == prompts
+    assert all(b["max_tokens"] == 8 and b["temperature"] == 0.0 for b in server.bodies)
+    msgs, extra = be.generator_messages("Problem: x", "Step 1: 1 + 1 = 2\n\n", "instruction")
+    assert len(msgs) == 1 and msgs[0]["content"].endswith("Step 1: 1 + 1 = 2\n\n") and extra == {}
 
 
 # --------------------------------------------------------------------------- resume
@@ -451,7 +470,7 @@ class _ModelServer:
 
 
 def _openai_cfg(out, server, n=3, **agent):
-    a = dict(backend="openai", base_url=server.base_url, model="testbed", api_key_env="", timeout=5.0,
+    a = dict(backend="openai", base_url=server.base_url, model="testbed", api_key_env="", timeout=60.0,
              max_retries=3, backoff=0.01, concurrency=4)
     a.update(agent)
     return _cfg(out, "unused", n=n, n_samples=2, generator=AgentConfig(**a))
@@ -472,8 +491,8 @@ def test_openai_generator_with_retries_on_500(tmp_path, tiny_base):
 
 
 def test_openai_timeouts_are_retried(tmp_path, tiny_base):
-    with _ModelServer(_base(tiny_base), slow_first=2, sleep=1.5) as server:
-        summary = run_synth(_openai_cfg(tmp_path / "o", server, n=2, timeout=0.5))
+    with _ModelServer(tiny_base, slow_first=2, sleep=3.0) as server:  # tiny model: answers in milliseconds
+        summary = run_synth(_openai_cfg(tmp_path / "o", server, n=2, timeout=1.0))
     assert summary["failed"] == 0 and summary["processed"] == 2
     assert server.log[:2] == ["slow", "slow"]
     assert len(server.log) >= 2 + 4  # the two timed-out requests were sent again

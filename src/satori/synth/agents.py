@@ -165,10 +165,13 @@ def _redo(problem: Problem, k: int, n_ops: int) -> str:
 def rule_verification(problem: Problem, texts: Sequence[str], key: str, last_ok: bool) -> Feedback | None:
     """A one-line verification of an intermediate step of a correct line.
 
-    The step is chosen (deterministically from ``key``) among the steps holding an equation,
-    excluding the last unless ``last_ok``; None if there is none.
+    The step is chosen (deterministically from ``key``) among the steps holding an equation
+    that checks out (those before the first wrong one, if any), excluding the last unless
+    ``last_ok``; None if there is none.
     """
-    candidates = [j for j, t in enumerate(texts, 1) if parse_equation(t) is not None]
+    first_wrong, _ = _first_wrong_position(problem, texts)
+    right = texts if first_wrong is None else texts[: first_wrong - 1]
+    candidates = [j for j, t in enumerate(right, 1) if parse_equation(t) is not None]
     if not last_ok:
         candidates = [j for j in candidates if j < len(texts)]
     if not candidates:

@@ -71,7 +71,7 @@ class AgentConfig:
     """One agent's backend.
 
     ``backend``: generator ``hf`` | ``openai``; critic ``rule`` | ``hf`` | ``openai``;
-    selector ``rule`` | ``orm``. ``path``: local model folder (``hf``, ``orm``; empty for the
+    selector ``rule`` | ``orm``; empty means the role's default (``hf``, ``rule``, ``rule``). ``path``: local model folder (``hf``, ``orm``; empty for the
     generator means the shipped testbed base model). ``base_url``, ``model``,
     ``api_key_env`` (the NAME of the variable holding the key; '' for none), ``timeout``,
     ``max_retries``, ``backoff``, ``concurrency``, ``continue_mode``: the ``openai`` backend.
@@ -79,7 +79,7 @@ class AgentConfig:
     top-level settings).
     """
 
-    backend: str = "rule"
+    backend: str = field(default="", metadata={"help": "hf, openai, rule or orm ('' = the role's default)"})
     path: str = field(default="", metadata={"help": "local model folder (hf, orm)"})
     base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"})
     model: str = field(default="", metadata={"help": "served model name (openai)"})
@@ -94,7 +94,7 @@ class AgentConfig:
     dtype: str = field(default="float32", metadata={"help": "hf/orm weights dtype"})
 
     def validate(self) -> None:
-        check(self.backend in set(GENERATOR_BACKENDS + CRITIC_BACKENDS + SELECTOR_BACKENDS),
+        check(self.backend in set(("",) + GENERATOR_BACKENDS + CRITIC_BACKENDS + SELECTOR_BACKENDS),
               f"unknown agent backend {self.backend!r}")
         check(self.timeout > 0, f"agent timeout must be > 0, got {self.timeout}")
         check(self.max_retries >= 0, f"agent max_retries must be >= 0, got {self.max_retries}")
@@ -112,11 +112,11 @@ class SynthConfig:
 
     __aliases__: ClassVar[dict[str, str]] = {"data": "data.path"}
 
-    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train", n=1000))
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train"))
     out: str = field(default="runs/synth", metadata={"help": "output folder (resumed if it exists)"})
-    generator: AgentConfig = field(default_factory=lambda: AgentConfig(backend="hf"))
-    critic: AgentConfig = field(default_factory=lambda: AgentConfig(backend="rule"))
-    selector: AgentConfig = field(default_factory=lambda: AgentConfig(backend="rule"))
+    generator: AgentConfig = field(default_factory=AgentConfig)
+    critic: AgentConfig = field(default_factory=AgentConfig)
+    selector: AgentConfig = field(default_factory=AgentConfig)
     n_samples: int = field(default=8, metadata={"help": "generator samples per problem"})
     k_keep: int = field(default=4, metadata={"help": "correct and wrong samples kept per problem"})
     temperature: float = field(default=0.7, metadata={"help": "generator sampling temperature"})
@@ -130,6 +130,11 @@ class SynthConfig:
     check_steps: bool = field(default=True, metadata={"help": "testbed: correct = answer and every step right"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = all cores)"})
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for acfg, default in ((self.generator, "hf"), (self.critic, "rule"), (self.selector, "rule")):
+            if not acfg.backend:
+                acfg.backend = default
 
     def validate(self) -> None:
         check(self.generator.backend in GENERATOR_BACKENDS,
@@ -673,6 +678,9 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+        for client in (agents.gen_client, agents.critic_client):
+            if client is not None:
+                client.http.close()
     summary = summarize({p.id: done[p.id] for p in problems if p.id in done}, len(problems), failed,
                         time.perf_counter() - t0)
     write_json(out / "summary.json", summary)

@@ -201,7 +201,7 @@ def pretrain(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SatoriError(f"output directory {out} exists and is not empty (pass overwrite=True to replace it)")
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -276,6 +276,7 @@ def pretrain(
             "train": round(t_train, 2),
             "eval": round(t_eval, 2),
             "total": round(time.perf_counter() - t_start, 2),
+            "cpu_total": round(time.process_time() - cpu_start, 2),
         },
         "torch_version": torch.__version__,
         "platform": platform.platform(),

@@ -125,8 +125,11 @@ class LatroConfig:
         check(self.truncation_penalty >= 0, f"truncation_penalty must be >= 0, got {self.truncation_penalty}")
         check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         check(self.eval_every >= 0 and self.save_every > 0, "eval_every must be >= 0 and save_every > 0")
-        check(self.valid_data.path != "testbed:test",
-              "valid_data is used for model selection and may not be the test split (testbed:test)")
+        # a nested section given in part starts from DataConfig's defaults (path testbed:test)
+        check(self.data.path != "testbed:test", "data may not be the test split (testbed:test); "
+              "set data.path (e.g. testbed:train)")
+        check(self.valid_data.path != "testbed:test", "valid_data is used for model selection and may not be "
+              "the test split (testbed:test); set valid_data.path (e.g. testbed:valid)")
         if self.answer_template:
             try:
                 text = self.answer_template.format(answer="ANSWER")

@@ -184,9 +184,13 @@ def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def load_critic(path: str) -> Any:
     """A per-token value model: the ORM's (or policy's) backbone with a scalar ``score`` head."""
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
-    critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+    # no dropout on the value head (transformers defaults it to 0.1): values must be a
+    # deterministic function of the sequence, at rollout and at update time alike
+    config = AutoConfig.from_pretrained(path, num_labels=1, local_files_only=True)
+    config.classifier_dropout = 0.0
+    critic = AutoModelForTokenClassification.from_pretrained(path, config=config, local_files_only=True)
     critic.config.use_cache = False
     return critic
 
@@ -327,12 +331,14 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                 fn = algos.grpo_advantages if cfg.advantage == "grpo" else algos.rloo_advantages
                 adv = fn(seq_r, cfg.n_samples).unsqueeze(1) * mask
                 returns = None
+            # every process gets the whole rollout, so mini-batches are the same as in one process
+            rollout = _gather_rollout(acc, {**batch, "old_logp": old_logp, "ref_logp": ref_logp,
+                                            "old_values": old_values, "adv": adv, "returns": returns}, pad_id)
             if cfg.whiten_advantages:
-                adv = _global_whiten(acc, adv, mask)
+                rollout["adv"] = algos.masked_whiten(rollout["adv"], rollout["response_mask"])
 
             # ---- 5. PPO update
-            stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, batch, old_logp, ref_logp,
-                                old_values, adv, returns, step)
+            stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step)
             if stats is None:
                 bad_steps += 1
                 log.log(step + 1, {"skipped_nonfinite": 1})
@@ -381,72 +387,78 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     return result
 
 
-def _global_whiten(acc: Any, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten advantages over the *global* batch (all processes), padding untouched."""
+def _gather_rollout(acc: Any, tensors: dict[str, torch.Tensor | None], pad_id: int) -> dict[str, Any]:
+    """Concatenate every process's rollout tensors in rank order (padded to a common length)."""
     if acc.num_processes == 1:
-        return algos.masked_whiten(adv, mask)
-    s = acc.reduce(algos.masked_sum(adv, mask).reshape(1), reduction="sum")
-    n = acc.reduce(mask.sum().reshape(1), reduction="sum")
-    mean = s / n
-    var = acc.reduce(algos.masked_sum((adv - mean) ** 2, mask).reshape(1), reduction="sum") / (n - 1).clamp(min=1)
-    return (adv - mean) * torch.rsqrt(var + 1e-8) * mask
+        return dict(tensors)
+    out: dict[str, Any] = {}
+    for key, t in tensors.items():
+        if t is None:
+            out[key] = None
+            continue
+        pad = pad_id if key == "input_ids" else 0
+        t = acc.pad_across_processes(t.contiguous(), dim=1, pad_index=pad) if t.dim() > 1 else t
+        out[key] = acc.gather(t.contiguous())
+    return out
 
 
 def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, critic_opt: Any, sched: Any,
-                batch: dict[str, torch.Tensor], old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                old_values: torch.Tensor | None, adv: torch.Tensor, returns: torch.Tensor | None,
-                step: int) -> dict[str, float] | None:
+                rollout: dict[str, Any], step: int) -> dict[str, float] | None:
     """``ppo_epochs`` passes of clipped-surrogate updates over shuffled mini-batches.
 
-    Each mini-batch loss is a token mean over the mini-batch's *global* token count, so
-    micro-batching and the number of processes do not change the gradient. Returns the
-    averaged statistics, or None when a loss or gradient was not finite (nothing applied).
+    ``rollout`` holds the whole global rollout on every process. A mini-batch is
+    ``train_batch`` sequences of a seeded global shuffle; each process takes its
+    ``train_batch / processes`` share and micro-batches it. Each loss is a token mean over
+    the mini-batch's token count, so micro-batching and the number of processes do not
+    change the update. Returns the averaged statistics, or None when a loss or gradient was
+    not finite (that mini-batch is not applied).
     """
-    world = acc.num_processes
-    n_local = batch["input_ids"].shape[0]
+    world, rank = acc.num_processes, acc.process_index
+    mask = rollout["response_mask"]
+    n_global = mask.shape[0]
     mb_local = cfg.train_batch // world
     micro = min(cfg.micro_batch, mb_local)
-    mask = batch["response_mask"]
     totals: dict[str, float] = {}
     count = 0
     g = torch.Generator().manual_seed(cfg.seed * 31 + step)
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n_local, generator=g)
-        for mb_start in range(0, n_local - mb_local + 1, mb_local):
-            mb = order[mb_start: mb_start + mb_local]
-            mb_tokens = acc.reduce(mask[mb].sum().reshape(1), reduction="sum").clamp(min=1)
+        order = torch.randperm(n_global, generator=g)
+        for mb_start in range(0, n_global - cfg.train_batch + 1, cfg.train_batch):
+            mb_all = order[mb_start: mb_start + cfg.train_batch]
+            mb_tokens = mask[mb_all].sum().clamp(min=1)
+            mb = mb_all[rank * mb_local: (rank + 1) * mb_local]
             mb_stats: dict[str, float] = {}
             for m_start in range(0, mb_local, micro):
                 idx = mb[m_start: m_start + micro]
-                ids, attn, m = batch["input_ids"][idx], batch["attention_mask"][idx], mask[idx]
-                weight = m.sum() / mb_tokens * world  # token-mean over the global mini-batch (DDP averages)
+                ids, attn, m = rollout["input_ids"][idx], rollout["attention_mask"][idx], mask[idx]
+                share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = m_start + micro >= mb_local
                 with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
-                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature,
-                                         return_entropy=True)
+                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True)
                     logp = out["logp"].float()
-                    pg, st = algos.policy_loss(logp, old_logp[idx], adv[idx], m, clip_eps=cfg.clip)
+                    pg, st = algos.policy_loss(logp, rollout["old_logp"][idx], rollout["adv"][idx], m,
+                                               clip_eps=cfg.clip)
                     loss = pg
-                    if ref_logp is not None and cfg.kl_in == "loss":
-                        kl = algos.masked_mean(algos.kl_penalty(logp, ref_logp[idx], cfg.kl_kind), m)
+                    if rollout["ref_logp"] is not None and cfg.kl_in == "loss":
+                        kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx], cfg.kl_kind), m)
                         loss = loss + cfg.kl_coef * kl
-                        _add(mb_stats, "kl_loss", float(kl.detach()) * float(weight) / world)
+                        _add(mb_stats, "kl_loss", float(kl.detach()) * share)
                     ent = algos.masked_mean(out["entropy"].float(), m)
                     if cfg.entropy_coef > 0:
                         loss = loss - cfg.entropy_coef * ent
-                    acc.backward(loss * weight)
-                _add(mb_stats, "policy_loss", float(pg.detach()) * float(weight) / world)
-                _add(mb_stats, "clipfrac", float(st["clipfrac"]) * float(weight) / world)
-                _add(mb_stats, "approx_kl", float(st["approx_kl"]) * float(weight) / world)
-                _add(mb_stats, "entropy", float(ent.detach()) * float(weight) / world)
+                    acc.backward(loss * share * world)  # DDP averages gradients over processes
+                _add(mb_stats, "policy_loss", float(pg.detach()) * share)
+                _add(mb_stats, "clipfrac", float(st["clipfrac"]) * share)
+                _add(mb_stats, "approx_kl", float(st["approx_kl"]) * share)
+                _add(mb_stats, "entropy", float(ent.detach()) * share)
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
-                        vl, vst = algos.value_loss(values, old_values[idx], returns[idx], m,
+                        vl, vst = algos.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], m,
                                                    clip_eps=cfg.value_clip if cfg.value_clip > 0 else None)
-                        acc.backward(vl * weight)
-                    _add(mb_stats, "value_loss", float(vl.detach()) * float(weight) / world)
-                    _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * float(weight) / world)
+                        acc.backward(vl * share * world)
+                    _add(mb_stats, "value_loss", float(vl.detach()) * share)
+                    _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * share)
             finite = all(math.isfinite(v) for v in mb_stats.values()) and grads_finite(policy) and (
                 critic is None or grads_finite(critic))
             if not finite:
@@ -454,6 +466,9 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 if critic_opt is not None:
                     critic_opt.zero_grad(set_to_none=True)
                 return None
+            # per-process partial sums of token-weighted statistics -> mini-batch values
+            mb_stats = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="sum"))
+                        for k, v in mb_stats.items()}
             mb_stats["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
             opt.step()
             sched.step()
@@ -462,12 +477,12 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
                 critic_opt.step()
                 critic_opt.zero_grad(set_to_none=True)
+            if count == 0:
+                mb_stats["first_policy_loss"] = mb_stats["policy_loss"]
             for k, v in mb_stats.items():
                 _add(totals, k, v)
             count += 1
-    # per-process partial sums -> global values
-    return {k: float(acc.reduce(torch.tensor(v / max(1, count), device=acc.device), reduction="sum"))
-            if k != "grad_norm" else v / max(1, count) for k, v in totals.items()}
+    return {k: (v if k == "first_policy_loss" else v / max(1, count)) for k, v in totals.items()}
 
 
 def _global_means(acc: Any, parts: dict[str, tuple[torch.Tensor, float]]) -> dict[str, float]:

@@ -1,0 +1,40 @@
+"""Two CPU processes (gloo) give the same first update as one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _launch(nproc, args, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "satori.cli", *args, "--out", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "satori.cli", *args, "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rl_two_processes_match_one(tmp_path, tiny_coat):
+    args = ["rl", "--policy", str(tiny_coat), "--data", "testbed:train", "--data.n", "16", "--critic-init", "policy",
+            "--steps", "1", "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "2",
+            "--max-new-tokens", "12", "--temperature", "1.0", "--actor-lr", "1e-3", "--critic-lr", "1e-3",
+            "--threads", "1", "--seed", "5"]
+    one = _launch(1, args, tmp_path / "one")[0]
+    two = _launch(2, args, tmp_path / "two")[0]
+    assert two["first_policy_loss"] == pytest.approx(one["first_policy_loss"], rel=1e-5, abs=1e-7)
+    for key in ("policy_loss", "value_loss", "entropy", "grad_norm", "reward", "response_length"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_sft_two_processes_match_one(tmp_path, tiny_coat, sft_jsonl):
+    args = ["sft", "--model", str(tiny_coat), "--data", str(sft_jsonl), "--max-steps", "2", "--batch-size", "2",
+            "--grad-accum", "2", "--valid-fraction", "0", "--lr", "1e-3", "--threads", "1", "--seed", "3"]
+    one = _launch(1, args + ["--batch-size", "8", "--grad-accum", "1"], tmp_path / "one")  # same global batch of 8
+    two = _launch(2, args, tmp_path / "two")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
