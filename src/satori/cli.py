@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -57,7 +58,9 @@ def _cmd_pretrain(cfg: Any, args: argparse.Namespace) -> None:
 
 def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argparse.Namespace], None]:
     def run(cfg: Any, args: argparse.Namespace) -> None:
-        print(json.dumps(fn(cfg), indent=2, default=str))
+        result = fn(cfg)
+        if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
+            print(json.dumps(result, indent=2, default=str))
     return run
 
 
