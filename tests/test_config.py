@@ -75,3 +75,13 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
         load_config(Outer, y)
     with pytest.raises(SatoriError, match="config file not found"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_partly_given_section_keeps_the_commands_defaults():
+    from satori.train.ppo import RLConfig
+
+    cfg = from_dict(RLConfig, {"data": {"n": 16}})
+    assert cfg.data.path == "testbed:train" and cfg.data.n == 16
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, RLConfig)
+    assert config_from_args(RLConfig, p.parse_args(["--data.n", "7"])).data.path == "testbed:train"

@@ -16,7 +16,13 @@ from satori.testbed.model import build_model, build_tokenizer
 from satori.testbed.tasks import make_problems
 from satori.train.common import read_metrics
 from satori.train.latro import (
-    LatroConfig, Rollout, answer_text, cut_rationale, group_loss, make_rollouts, run_latro,
+    LatroConfig,
+    Rollout,
+    answer_text,
+    cut_rationale,
+    group_loss,
+    make_rollouts,
+    run_latro,
 )
 
 EOS = 99
@@ -180,12 +186,11 @@ def test_estimator_gradient_and_rewards_match_the_formula_by_hand(tiny, sft_weig
 
 
 def _cfg(model, out, **kw) -> LatroConfig:
-    base = dict(model=str(model), out=str(out), data=DataConfig(path="testbed:train", n=16),
-                valid_data=DataConfig(path="testbed:valid", n=4), k=4, batch_size=2, micro_batch=1,
-                max_rationale_tokens=12, steps=4, save_every=2, eval_every=0, lr=3e-3, sft_weight=0.5,
-                threads=1, gen_batch_size=16, eval_max_new_tokens=16)
-    base.update(kw)
-    return LatroConfig(**base)
+    base = {"model": str(model), "out": str(out), "data": DataConfig(path="testbed:train", n=16),
+            "valid_data": DataConfig(path="testbed:valid", n=4), "k": 4, "batch_size": 2, "micro_batch": 1,
+            "max_rationale_tokens": 12, "steps": 4, "save_every": 2, "eval_every": 0, "lr": 3e-3,
+            "sft_weight": 0.5, "threads": 1, "gen_batch_size": 16, "eval_max_new_tokens": 16}
+    return LatroConfig(**{**base, **kw})
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

@@ -95,6 +95,9 @@ def test_rule_correction_names_step_and_gives_corrected_step(problems):
     truth = good.rsplit("= ", 1)[1]
     assert f"is {truth}, not" in fb.reflect  # says what the arithmetic really gives
     assert fb.explore == good  # the hint is the corrected step, "Step 2: ..."
+    reflections = {ag.rule_correction(p, tj.line_texts(traj), key=f"k{i}").reflect for i in range(16)}
+    assert len(reflections) == len(ag.WRONG_TEMPLATES)  # every template is used, all name the step
+    assert all("step 2" in r.lower() and ": T" not in r and r.endswith(".") for r in reflections)
 
     for position in ("step", "end"):
         new, complete = tj.apply_feedback(traj, fb, position)

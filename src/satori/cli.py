@@ -85,6 +85,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     from satori.testbed.pretrain import PretrainConfig
     from satori.rae import RAEConfig, run_rae
     from satori.train.distill import DistillConfig, run_distill
+    from satori.train.latro import LatroConfig, run_latro
     from satori.train.orm import ORMConfig, run_orm
     from satori.train.ppo import RLConfig, run_rl
     from satori.train.sft import SFTConfig, run_sft
@@ -110,6 +111,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
                 "samples", None),
         "rl": (RLConfig, _print_result(run_rl), "PPO (or GRPO / RLOO) with Restart-and-Explore and the "
                "Satori reward", None),
+        "latro": (LatroConfig, _print_result(run_latro), "LaTRO: optimise rationales with the model's own "
+                  "likelihood of the gold answer", None),
         "distill": (DistillConfig, _print_result(run_distill), "sample the RL policy, keep the hardest solved "
                     "problems, fine-tune the base model on them", None),
     }

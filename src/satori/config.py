@@ -119,7 +119,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise SatoriError(
             f"unknown config key '{unknown[0]}'{section}; known keys: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(value, hints[name], name, where) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # a partly given section keeps this class's defaults for it, not the section type's
+            default = _field_default(fields[name])
+            if default is not None:
+                value = _merge(to_dict(default), value)
+        kwargs[name] = _coerce(value, tp, name, where)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -128,6 +136,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if validate is not None:
         validate(obj)
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -139,8 +139,8 @@ def generate(
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, top_k=0, top_p=1.0, temperature=1.0,
-        repetition_penalty=1.0, num_beams=1, eos_token_id=stop, pad_token_id=pad_id, bos_token_id=None,
+        max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0, num_beams=1,
+        eos_token_id=stop, pad_token_id=pad_id, bos_token_id=None,
     )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     flat = [(i, j) for i in range(len(prompts)) for j in range(n)]

@@ -49,14 +49,14 @@ _VERB = {"+": "add", "-": "subtract", "*": "multiply by", "/": "divide by"}
 _INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
 WRONG_TEMPLATES = (
-    "Wait, step {k} is wrong: {found}. {why}.",
+    "Wait, step {k} is wrong: {found}. {why_cap}.",
     "Hmm, let me check step {k}. {found} is incorrect: {why}.",
     "Wait, let me check step {k}. I made a mistake: {why}.",
-    "Let me verify step {k}: {found} is wrong because {why_lower}.",
+    "Let me verify step {k}: {found} is wrong because {why}.",
 )
 MISSING_TEMPLATES = (
-    "Wait, the solution stops too early: step {k} is missing. {why}.",
-    "Hmm, let me check the steps. Step {k} is missing: {why_lower}.",
+    "Wait, the solution stops too early: step {k} is missing. {why_cap}.",
+    "Hmm, let me check the steps. Step {k} is missing: {why}.",
 )
 FINAL_TEMPLATES = (
     "Wait, the steps are correct but the final answer is not: it should be the result of step {n}, {value}.",
@@ -97,10 +97,6 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _lower(s: str) -> str:
-    return s[:1].lower() + s[1:]
-
-
 def _first_wrong_position(problem: Problem, texts: Sequence[str]):
     """``(m, check)``: the first line position whose prefix contains a wrong equation, and
     the checker's verdict on that prefix; ``(None, check of the whole line)`` if none does."""
@@ -134,7 +130,7 @@ def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedbac
         op, operand = ops[k - 1]
         why = f"after {values[k - 1]} we still have to {_VERB[op]} {operand}"
         reflect = MISSING_TEMPLATES[pick(key + "/t", len(MISSING_TEMPLATES))].format(
-            k=k, why=_cap(why), why_lower=why)
+            k=k, why_cap=_cap(why), why=why)
         return Feedback("correct", after=len(texts), keep=len(texts), reflect=reflect,
                         explore=_redo(problem, k, n_ops), complete=k == n_ops)
     k = c.first_wrong_step
@@ -142,14 +138,14 @@ def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedbac
     if k > n_ops:  # an extra step after a complete, correct line
         why = _why("extra step", found, k, n_ops, 0, "+", 0)
         reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
-            k=k, found=found, why=_cap(why), why_lower=why)
+            k=k, found=found, why_cap=_cap(why), why=why)
         return Feedback("correct", after=m, keep=m - 1, reflect=reflect,
                         explore=f"The answer is \\boxed{{{gold}}}.", complete=True)
     values = chain_values(start, ops)
     op, operand = ops[k - 1]
     why = _why(c.reason, found, k, n_ops, values[k - 1], op, operand)
     reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
-        k=k, found=found, why=_cap(why), why_lower=why)
+        k=k, found=found, why_cap=_cap(why), why=why)
     return Feedback("correct", after=m, keep=m - 1, reflect=reflect, explore=_redo(problem, k, n_ops),
                     complete=k == n_ops)
 

@@ -408,7 +408,6 @@ def synth_batch(agents: Agents, cfg: SynthConfig, problems: list[Problem], seed:
         complete: list[_Chain] = []
         to_continue: list[_Chain] = []
         for (ch, kind), fb in zip(pending, feedback):
-            p = problems[ch.problem]
             if isinstance(fb, be.RequestFailed):
                 errors[ch.problem] = errors[ch.problem] or fb.error
                 continue
