@@ -24,7 +24,8 @@ from satori.grading import extract_answer
 from satori.synth import AgentConfig, SynthConfig, run_synth
 from satori.synth import agents as ag
 from satori.synth import trajectory as tj
-from satori.synth.pipeline import Agents, _select, load_orm, prepare_agents, run_llm_critic, shipped_base_model
+from satori.synth.pipeline import Agents, _select, prepare_agents, run_llm_critic, shipped_base_model
+from satori.train.orm import load_orm, score_sequences
 from satori.testbed.checker import check_steps
 from satori.testbed.tasks import make_problems
 
@@ -50,7 +51,7 @@ def _wrong_at(problem: Problem, k: int, delta: int = 3) -> str:
     the slip grows until every later division stays exact)."""
     from fractions import Fraction
 
-    from satori.testbed.tasks import format_equation, format_solution
+    from satori.testbed.tasks import format_equation, format_solution, operation_sentences
 
     start, ops = problem.meta["start"], problem.meta["ops"]
     for d in range(delta, delta + 200):
@@ -60,7 +61,7 @@ def _wrong_at(problem: Problem, k: int, delta: int = 3) -> str:
             eqs.append(format_equation(value, op, x, result))
             value = result
         if all(v.denominator == 1 for v in [value]) and "/" not in "".join(e.split("=")[1] for e in eqs):
-            return format_solution(eqs, value)
+            return format_solution(eqs, value, operation_sentences(problem))
     raise AssertionError("no exact slip found")
 
 
@@ -153,7 +154,7 @@ def test_rule_verification_rederives_a_step(problems):
         fb = ag.rule_verification(p, texts, key, last_ok=False)
         assert fb.kind == "verify" and 1 <= fb.after < len(texts)
         assert f"step {fb.after}" in fb.reflect
-        a, op, b, _, c = texts[fb.after - 1].split(": ", 1)[1].split()
+        a, op, b, _, c = texts[fb.after - 1].split("\n")[0].split()[-5:]
         inverse = {"+": "-", "-": "+", "*": "/", "/": "*"}[op]
         assert f"{c} {inverse} {b} = {a}" in fb.reflect or f"{c} {inverse} {a} = {b}" in fb.reflect
     new, complete = tj.apply_feedback(traj, fb, "end", answer=p.answer)
@@ -256,7 +257,8 @@ def test_rule_and_orm_selectors(tmp_path, tiny_base, problems):
     full = [build_prompt(p, otok) + t for t in texts]
     with torch.no_grad():  # independent scores: one unpadded sequence at a time
         single = [model(**otok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item() for t in full]
-    assert ag.orm_scores(model, otok, full) == pytest.approx(single, abs=1e-4)
+    assert score_sequences(model, otok, [build_prompt(p, otok)] * len(texts), texts).tolist() == \
+        pytest.approx(single, abs=1e-4)
     agents = Agents(AgentConfig("hf"), AgentConfig("rule"), AgentConfig("orm", path=str(tmp_path / "orm")),
                     orm_model=model, orm_tok=otok)
     (rec,) = _select(agents, cfg, *args)[0]["records"]
@@ -274,7 +276,7 @@ def _base(tiny_base) -> Path:
 def _cfg(out, model, n=12, **kw) -> SynthConfig:
     base = dict(data=DataConfig(path="testbed:train", n=n, seed=3), out=str(out),
                 generator=AgentConfig(backend="hf", path=str(model)), n_samples=4, k_keep=2, batch_size=4,
-                max_new_tokens=100 if HAVE_SHIPPED else 24, threads=1, progress=False, seed=11)
+                max_new_tokens=140 if HAVE_SHIPPED else 24, threads=1, progress=False, seed=11)
     base.update(kw)
     return SynthConfig(**base)
 

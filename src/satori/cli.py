@@ -84,6 +84,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     from satori.evaluate import EvalConfig
     from satori.testbed.pretrain import PretrainConfig
     from satori.rae import RAEConfig, run_rae
+    from satori.synth.pipeline import SynthConfig, run_synth
     from satori.train.distill import DistillConfig, run_distill
     from satori.train.latro import LatroConfig, run_latro
     from satori.train.orm import ORMConfig, run_orm
@@ -103,6 +104,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
         "grade": (GradeConfig, _cmd_grade, "grade responses in a JSONL file", grade_args),
         "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
         "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
+        "synth": (SynthConfig, _print_result(run_synth), "stage 1: synthesise COAT demonstrations "
+                  "(generator, critic, selector)", None),
         "sft": (SFTConfig, _print_result(run_sft), "supervised fine-tuning: format tuning, distillation, "
                 "SFT baselines", None),
         "orm": (ORMConfig, _print_result(run_orm), "train a Bradley-Terry outcome reward model on a policy's "

@@ -202,9 +202,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
         if "satori" in cfg.branches:
             s = f"-s{seed}"
             # stage 1: demonstrations, format tuning
-            synth_cfg = _with(cfg.synth, data=cfg.train_data, out=str(run_dir / f"synth{s}"), seed=seed,
-                              generator=_with(cfg.synth.generator, path=base) if cfg.synth.generator.backend == "hf"
-                              else cfg.synth.generator)
+            synth_cfg = _synth_config(cfg, base, seed, run_dir)
             runner.run(f"synth{s}", to_dict(_with(synth_cfg, out="")), base_dep, lambda f: run_synth(synth_cfg))
             demos = _demos_file(run_dir / f"synth{s}")
             sft_dir = run_dir / f"sft_coat{s}"
@@ -279,6 +277,14 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
     paths = write_report(results, run_dir)
     echo(_summary_table(results, paths))
     return results
+
+
+def _synth_config(cfg: PipelineConfig, base: str | None, seed: int, run_dir: Path) -> SynthConfig:
+    """The synthesis stage's config: the pipeline's train data; a local generator is the base model."""
+    gen = cfg.synth.generator
+    if gen.backend in ("", "hf") and not gen.path and base:
+        gen = _with(gen, path=base)
+    return _with(cfg.synth, data=cfg.train_data, out=str(run_dir / f"synth-s{seed}"), seed=seed, generator=gen)
 
 
 def _demos_file(folder: Path) -> Path:
@@ -398,10 +404,10 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
         report["base"] = {"path": base, "model_type": conf.model_type, "vocab": len(tok), "coat_ids": ids}
         echo(f"ok  base model: {base} ({conf.model_type}, tokenizer {len(tok)} tokens with COAT ids {ids})")
     if "satori" in cfg.branches:
-        from satori.synth.pipeline import check_agents
+        from satori.synth.pipeline import prepare_agents
 
-        check_agents(_with(cfg.synth, generator=_with(cfg.synth.generator, path=base)
-                           if cfg.synth.generator.backend == "hf" and base else cfg.synth.generator), cfg.train_data)
+        prepare_agents(_synth_config(cfg, base, cfg.seeds[0], Path(cfg.out or f"runs/{cfg.name}")),
+                       load_problems(cfg.train_data), load_models=False)
         echo(f"ok  synthesis agents: generator={cfg.synth.generator.backend}, critic={cfg.synth.critic.backend}, "
              f"selector={cfg.synth.selector.backend}")
     echo("dry run passed: nothing was trained")

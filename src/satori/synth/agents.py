@@ -2,12 +2,13 @@
 
 Critics judge the line of reasoning of a trajectory (see :mod:`satori.synth.trajectory`):
 
-- :func:`rule_critique` (testbed): built on the exact step checker. For a wrong line it
-  names the first wrong step and what is wrong (``<|reflect|>``) and gives the corrected
-  step as the hint (``<|explore|>``: ``Step k: a op b = c``, plus the answer line when
-  ``k`` is the last step, so the trajectory is complete). For a correct line it re-derives
-  an intermediate step backwards (``<|reflect|>``). Wording comes from several templates,
-  chosen by a deterministic key.
+- :func:`rule_correction` / :func:`rule_verification` (testbed): built on the exact step
+  checker. For a wrong line it names the first wrong step and what is wrong
+  (``<|reflect|>``) and gives the corrected step as the hint (``<|explore|>``:
+  ``Step k: <restated sentence> a op b = c`` in the generator's own format, plus the answer
+  line when ``k`` is the last step, so the trajectory is complete). For a correct line it
+  re-derives an intermediate step backwards (``<|reflect|>``). Wording comes from several
+  templates, chosen by a deterministic key.
 - :func:`critic_prompt` / :func:`parse_critic_reply`: the prompt of an LLM critic (it sees
   the problem, the reference solution and the numbered candidate steps) and a tolerant
   parser of its reply (``First wrong step: 3`` / ``Hint: ...``, or ``Verify step: 2`` /
@@ -15,7 +16,7 @@ Critics judge the line of reasoning of a trajectory (see :mod:`satori.synth.traj
 
 Selectors rank the finished trajectories of one type: :func:`rule_key` (correct first, then
 shorter, then fewer reflections, then sample order: deterministic) or an outcome reward
-model (:func:`orm_scores`).
+model (:func:`satori.train.orm.score_sequences`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import re
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
 
 from satori.data import Problem
 from satori.synth.trajectory import Feedback, has_meta_token
 from satori.testbed.checker import check_steps, correct_step_text, parse_equation
-from satori.testbed.tasks import chain_values, ground_truth
+from satori.testbed.tasks import chain_values, ground_truth, operation_sentences
 
 
 def pick(key: str, n: int) -> int:
@@ -151,8 +151,11 @@ def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedbac
 
 
 def _redo(problem: Problem, k: int, n_ops: int) -> str:
-    """The corrected step ``k`` in the testbed format (with the answer line if it is the last)."""
-    text = f"Step {k}: {correct_step_text(problem, k)}"
+    """The corrected step ``k`` in the testbed's own format (the restated sentence of the
+    question when it can be found, then the equation; the answer line if it is the last)."""
+    sentences = operation_sentences(problem)
+    lead = f"{sentences[k - 1]} " if len(sentences) == n_ops else ""
+    text = f"Step {k}: {lead}{correct_step_text(problem, k)}"
     if k == n_ops:
         text += f"\nThe answer is \\boxed{{{problem.answer}}}."
     return text
@@ -271,22 +274,3 @@ def rule_key(correct: bool, response: str, n_reflect: int, sample: int) -> tuple
     """Sort key of the rule selector (smaller is better): correct, shorter, fewer
     reflections, earlier sample, then the text itself, so the choice is deterministic."""
     return (not correct, len(response), n_reflect, sample, response)
-
-
-@torch.no_grad()
-def orm_scores(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16) -> list[float]:
-    """Scalar scores of a sequence-classification model (``num_labels == 1``) on ``texts``.
-
-    Each text is scored alone (right padding, last real token pooled by the model)."""
-    scores: list[float] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for b in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[b : b + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            scores.extend(float(x) for x in logits.reshape(len(enc["input_ids"]), -1)[:, 0])
-    finally:
-        tokenizer.padding_side = side
-    return scores

@@ -120,7 +120,7 @@ class SynthConfig:
     n_samples: int = field(default=8, metadata={"help": "generator samples per problem"})
     k_keep: int = field(default=4, metadata={"help": "correct and wrong samples kept per problem"})
     temperature: float = field(default=0.7, metadata={"help": "generator sampling temperature"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generator tokens per solution / continuation"})
+    max_new_tokens: int = field(default=160, metadata={"help": "generator tokens per solution / continuation"})
     max_rounds: int = field(default=2, metadata={"help": "critic rounds (0..2)"})
     reflect_position: str = field(default="mix", metadata={"help": "step, end or mix"})
     end_fraction: float = field(default=0.5, metadata={"help": "share of reflections placed at the end (mix)"})
@@ -199,11 +199,12 @@ def has_ground_truth(problem: Problem) -> bool:
     return "start" in problem.meta and "ops" in problem.meta
 
 
-def prepare_agents(cfg: SynthConfig, problems: list[Problem]) -> Agents:
+def prepare_agents(cfg: SynthConfig, problems: list[Problem], load_models: bool = True) -> Agents:
     """Check every agent's configuration, then load models and open clients.
 
     All checks (paths, API-key variables, ground truth for the rule critic, endpoint
-    probes) run before any model is loaded, so a bad setting fails in seconds.
+    probes) run before any model is loaded, so a bad setting fails in seconds. With
+    ``load_models=False`` only the checks run (``satori run --dry-run``).
     """
     gen_path = cfg.generator.path or str(shipped_base_model())
     if cfg.generator.backend == "hf":
@@ -230,6 +231,10 @@ def prepare_agents(cfg: SynthConfig, problems: list[Problem]) -> Agents:
             setattr(agents, f"{'gen' if role == 'generator' else 'critic'}_client", client)
     for client in clients:
         be.probe(client)
+    if not load_models:
+        for client in clients:
+            client.http.close()
+        return agents
     from satori.rollout import load_model, load_tokenizer
 
     loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -245,35 +250,10 @@ def prepare_agents(cfg: SynthConfig, problems: list[Problem]) -> Agents:
     if cfg.critic.backend == "hf":
         agents.critic_model, agents.critic_tok = load(cfg.critic.path, cfg.critic.dtype)
     if cfg.selector.backend == "orm":
-        agents.orm_model, agents.orm_tok = load_orm(cfg.selector.path, cfg.selector.dtype)
+        from satori.train.orm import load_orm
+
+        agents.orm_model, agents.orm_tok = load_orm(_model_dir(cfg.selector.path, "selector"))
     return agents
-
-
-def load_orm(path: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """An outcome reward model: a sequence-classification model with one label."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    p = _model_dir(path, "selector")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise SatoriError(f"selector: unknown dtype {dtype!r} (float32, bfloat16 or float16)")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
-    except (ValueError, OSError) as e:
-        raise SatoriError(f"selector: {p} is not loadable as a sequence-classification model ({e})") from None
-    if model.config.num_labels != 1:
-        raise SatoriError(f"selector: {p} has num_labels={model.config.num_labels}; an outcome reward model needs 1")
-    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    model.eval()
-    return model, tok
-
-
-# --------------------------------------------------------------------------- agent calls
 
 
 def prompt_body(problem: Problem) -> str:
@@ -486,8 +466,11 @@ def _select(agents: Agents, cfg: SynthConfig, problems: list[Problem], finals: l
         candidates.append((i, traj, text, ttype))
     scores: list[float | None] = [None] * len(candidates)
     if agents.selector.backend == "orm" and candidates:
-        texts = [build_prompt(problems[i], agents.orm_tok) + text for i, _, text, _ in candidates]
-        scores = ag.orm_scores(agents.orm_model, agents.orm_tok, texts)
+        from satori.train.orm import score_sequences
+
+        scores = score_sequences(agents.orm_model, agents.orm_tok,
+                                 [build_prompt(problems[i], agents.orm_tok) for i, _, _, _ in candidates],
+                                 [text for _, _, text, _ in candidates]).tolist()
     best: dict[tuple[int, str], tuple[tuple, int]] = {}
     for c, (i, traj, text, ttype) in enumerate(candidates):
         rule = ag.rule_key(True, text, behaviour(text)["n_reflect"], traj.sample)

@@ -271,7 +271,10 @@ def load_orm(path: str | Path) -> tuple[Any, Any]:
         raise SatoriError(f"{p}: not a model folder (no config.json)")
     tokenizer = load_tokenizer(p)
     orm, info = AutoModelForSequenceClassification.from_pretrained(
-        str(p), num_labels=1, local_files_only=True, output_loading_info=True)
+        str(p), num_labels=1, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+    for key, saved_shape, _ in info.get("mismatched_keys") or ():
+        if key.startswith("score"):
+            raise SatoriError(f"{p} has num_labels={saved_shape[0]}; an outcome reward model needs 1")
     if info["missing_keys"]:
         raise SatoriError(f"{p}: not an outcome reward model (no trained score head: missing "
                           f"{sorted(info['missing_keys'])[:3]}); train one with `satori orm`")
