@@ -268,7 +268,9 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
 
     results = {
         "preset": cfg.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "command": command,
-        "seconds": round(time.time() - t0, 1), "version": __version__, "seeds": cfg.seeds,
+        # compute time of the whole pipeline (cached stages count with their original time)
+        "seconds": round(sum(r["seconds"] for r in runner.summary()), 1),
+        "wall_seconds_this_invocation": round(time.time() - t0, 1), "version": __version__, "seeds": cfg.seeds,
         "models": models, "curves": curves, "trajectories": trajectories, "stages": runner.summary(),
         "config": to_dict(cfg),
     }
