@@ -52,8 +52,8 @@ def _cmd_eval(cfg: Any, args: argparse.Namespace) -> None:
 def _cmd_pretrain(cfg: Any, args: argparse.Namespace) -> None:
     from satori.testbed.pretrain import pretrain
 
-    metrics = pretrain(cfg)
-    print(json.dumps(metrics, indent=2))
+    metrics = pretrain(args.out, cfg, overwrite=args.overwrite)
+    print(json.dumps(metrics, indent=2, default=str))
 
 
 def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argparse.Namespace], None]:
@@ -96,6 +96,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
     def grade_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("input", help="JSONL file of records to grade")
 
+    def pretrain_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="folder for the model and tokenizer")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("pipeline_config", metavar="CONFIG", help="pipeline YAML (e.g. configs/quick.yaml)")
 
@@ -103,7 +107,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
         "run": (RunConfig, _cmd_run, "run the whole pipeline from a YAML config and write the report", run_args),
         "grade": (GradeConfig, _cmd_grade, "grade responses in a JSONL file", grade_args),
         "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
-        "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch", None),
+        "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch",
+                             pretrain_args),
         "synth": (SynthConfig, _print_result(run_synth), "stage 1: synthesise COAT demonstrations "
                   "(generator, critic, selector)", None),
         "sft": (SFTConfig, _print_result(run_sft), "supervised fine-tuning: format tuning, distillation, "
