@@ -47,6 +47,7 @@ def greedy_report(model, tok, problems, max_new_tokens: int) -> dict:
     correct = [x for v in by_level.values() for x in v]
     return {
         "pass@1": round(sum(correct) / len(correct), 4),
+        "all_steps_correct": round(1 - sum(first_wrong.values()) / len(problems), 4),
         "pass@1_by_level": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_level.items())},
         "first_wrong_step_hist": dict(sorted(first_wrong.items())),
         "first_wrong_reasons": dict(reasons.most_common()),

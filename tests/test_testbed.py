@@ -244,10 +244,12 @@ def test_model_save_load_with_auto_classes(tokenizer, tmp_path):
     model = build_model(len(tokenizer), "tiny", tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     ids = torch.tensor([tok2("Step 1: 7 + 5 = 12").input_ids])
     assert torch.equal(model(ids).logits, loaded(ids).logits)
+    default = AutoModelForCausalLM.from_pretrained(tmp_path)  # SDPA: same maths, other kernel
+    assert torch.allclose(model(ids).logits, default(ids).logits, atol=1e-5)
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
     assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
     small = build_model(len(tokenizer), "small")
@@ -293,3 +295,14 @@ def test_tiny_pretrain_is_deterministic_and_writes_build_info(tmp_path):
     with pytest.raises(SatoriError):
         pretrain(tmp_path / "d", no_such_setting=1)
     assert m3["config"]["seed"] == 6
+
+
+def test_shipped_base_model_matches_default_config():
+    from satori.testbed import BASE_MODEL_DIR
+
+    info = json.loads((BASE_MODEL_DIR / "build_info.json").read_text())
+    assert info["config"] == PretrainConfig().__dict__  # rebuild the asset when defaults change
+    tok = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)
+    assert model.config.vocab_size == len(tok) and tok.padding_side == "left"
+    assert 0.25 <= info["valid"]["accuracy"] <= 0.55

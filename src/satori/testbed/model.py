@@ -46,7 +46,8 @@ SIZES = {
 def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (digits split individually) on ``corpus_texts``.
 
-    The critic phrases are added to the corpus. The result saves with ``save_pretrained`` and
+    The critic phrases are added to the corpus. Padding is on the left (for batched
+    generation with a decoder-only model). The result saves with ``save_pretrained`` and
     loads with ``AutoTokenizer.from_pretrained``; ``decode(encode(x)) == x`` for any text.
     """
     if vocab_size < 300:
@@ -76,6 +77,7 @@ def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 1024) -> PreT
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
         model_max_length=1024,
+        padding_side="left",
     )
 
 
@@ -88,7 +90,10 @@ def _with_phrases(corpus_texts: Iterable[str]) -> Iterable[str]:
 def build_model(vocab_size: int, size: str = "small", tokenizer: PreTrainedTokenizerFast | None = None) -> LlamaForCausalLM:
     """A freshly initialised small Llama (``size`` in tiny/small/medium), tied embeddings.
 
-    With ``tokenizer`` the config and ``generation_config`` get its bos/eos/pad ids.
+    With ``tokenizer`` the config and ``generation_config`` get its bos/eos/pad ids. Eager
+    attention: at these sizes a CPU training step is about 1.5x faster than with SDPA (whose
+    CPU backward dominates); the choice is not saved, so pass ``attn_implementation="eager"``
+    to ``from_pretrained`` to keep it.
     """
     if size not in SIZES:
         raise SatoriError(f"unknown testbed model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -108,6 +113,7 @@ def build_model(vocab_size: int, size: str = "small", tokenizer: PreTrainedToken
         rope_theta=10000.0,
         num_key_value_heads=dims["num_attention_heads"],
         attention_bias=False,
+        attn_implementation="eager",
         **dims,
         **ids,
     )

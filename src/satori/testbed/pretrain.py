@@ -30,6 +30,7 @@ from satori.data import Problem, plain_prompt
 from satori.errors import SatoriError
 from satori.testbed.checker import check_steps
 from satori.testbed.model import build_model, build_tokenizer, count_parameters
+from satori.testbed import tasks
 from satori.testbed.tasks import make_problems, reference_solution
 
 
@@ -38,26 +39,26 @@ class PretrainConfig:
     """Every hyperparameter of :func:`pretrain` (plain types, so a CLI can expose them)."""
 
     seed: int = 0
-    steps: int = 400
-    batch_size: int = 64
+    steps: int = 1000
+    batch_size: int = 16
     n_train: int = 0  # problems; 0 means steps * batch_size (each problem seen once)
     n_valid: int = 256
     error_rate: float = 0.1
     model_size: str = "small"
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
-    lr: float = 3e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
-    bf16: bool = True  # bf16 autocast on CPU
+    bf16: bool = True  # bf16 autocast for training (evaluation runs in fp32)
     num_threads: int = 2  # torch threads; 0 leaves the current setting
     eval_batch_size: int = 128
     max_new_tokens: int = 96
-    log_every: int = 25
+    log_every: int = 100
 
 
 def training_text(problem: Problem, solution: str) -> tuple[str, str]:
@@ -125,23 +126,26 @@ def generate(
     bf16: bool = False,
 ) -> list[str]:
     """Responses to plain-text prompts (batched, left padding); special tokens removed."""
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     out: list[str] = []
-    for b in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_k=0 if do_sample else None,
-                top_p=1.0 if do_sample else None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    try:
+        for b in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature if do_sample else None,
+                    top_k=0 if do_sample else None,
+                    top_p=1.0 if do_sample else None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return out
 
 
@@ -257,12 +261,16 @@ def pretrain(
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    evaluation = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size, bf16=cfg.bf16)
+    evaluation = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size)
     t_eval = time.perf_counter() - t0
 
     metrics = {
         "satori_version": __version__,
         "config": dataclasses.asdict(cfg),
+        "task_ranges": {
+            name: getattr(tasks, name)
+            for name in ("MIN_VALUE", "MAX_VALUE", "START_RANGE", "ADD_RANGE", "SUB_RANGE", "MUL_RANGE", "DIV_RANGE")
+        },
         "n_train_problems": n_train,
         "epochs": epoch,
         "n_parameters": count_parameters(model),
@@ -287,7 +295,6 @@ def pretrain(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
-    tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
     metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     (tmp / "build_info.json").write_text(json.dumps(metrics, indent=2) + "\n")
