@@ -113,12 +113,14 @@ def test_boxed_integer_roundtrip(n: int, noise: str) -> None:
     ],
 )
 def test_huge_inputs_are_fast(text: str) -> None:
+    # a guard against catastrophic backtracking (minutes or hours), not a speed target:
+    # the bound is loose so a busy CI machine does not fail it
     start = time.monotonic()
     extracted = extract_answer(text)
     normalize_answer(text)
     answers_equal(extracted, "5")
     grade(text, "5")
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 15.0
 
 
 # --------------------------------------------------------------------------- normalisation

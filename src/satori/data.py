@@ -100,6 +100,12 @@ class DataConfig:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; errors name the file and line."""
+    return [rec for _, rec in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; errors name the
+    file and line (missing file, invalid UTF-8, malformed JSON, a value that is not an object)."""
     p = Path(path)
     if not p.is_file():
         raise SatoriError(f"data file not found: {p}")
@@ -118,7 +124,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise SatoriError(f"{p}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise SatoriError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+            records.append((lineno, rec))
     return records
 
 

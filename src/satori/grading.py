@@ -530,25 +530,13 @@ def grade_batch(
 
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """The JSON objects of a JSONL file (blank lines skipped), with SatoriErrors naming lines."""
-    if not path.is_file():
-        raise SatoriError(f"grade: input file not found: {path}")
-    records = []
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SatoriError(f"grade: {path}:{lineno}: not valid UTF-8") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SatoriError(f"grade: {path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise SatoriError(f"grade: {path}:{lineno}: expected a JSON object")
-            records.append((lineno, record))
+    """The JSON objects of a JSONL file with their line numbers; errors name file and line."""
+    from satori.data import read_jsonl_lines
+
+    try:
+        records = read_jsonl_lines(path)
+    except SatoriError as e:
+        raise SatoriError(f"grade: {e}") from None
     if not records:
         raise SatoriError(f"grade: {path} contains no records")
     return records
