@@ -27,13 +27,17 @@ from satori.testbed.checker import check_steps, last_boxed
 from satori.testbed.pretrain import generate
 from satori.testbed.tasks import make_problems
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "src" / "satori" / "assets" / "testbed-base"
+DEFAULT_DIR = (
+    Path(__file__).resolve().parents[1] / "src" / "satori" / "assets" / "testbed-base"
+)
 
 
 def greedy_report(model, tok, problems, max_new_tokens: int) -> dict:
     """Greedy pass@1 by level and the histogram of first wrong steps."""
     t = time.perf_counter()
-    responses = generate(model, tok, [plain_prompt(p.question) for p in problems], max_new_tokens)
+    responses = generate(
+        model, tok, [plain_prompt(p.question) for p in problems], max_new_tokens
+    )
     seconds = time.perf_counter() - t
     by_level, first_wrong, reasons = defaultdict(list), Counter(), Counter()
     rel = Counter()
@@ -48,7 +52,9 @@ def greedy_report(model, tok, problems, max_new_tokens: int) -> dict:
     return {
         "pass@1": round(sum(correct) / len(correct), 4),
         "all_steps_correct": round(1 - sum(first_wrong.values()) / len(problems), 4),
-        "pass@1_by_level": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_level.items())},
+        "pass@1_by_level": {
+            k: round(sum(v) / len(v), 3) for k, v in sorted(by_level.items())
+        },
         "first_wrong_step_hist": dict(sorted(first_wrong.items())),
         "first_wrong_reasons": dict(reasons.most_common()),
         "gen_seconds": round(seconds, 1),
@@ -60,7 +66,9 @@ def sampling_report(model, tok, problems, k: int, max_new_tokens: int) -> dict:
     """Distinct final answers among ``k`` samples at temperature 1.0, pass@1 and pass@k."""
     prompts = [plain_prompt(p.question) for p in problems for _ in range(k)]
     t = time.perf_counter()
-    responses = generate(model, tok, prompts, max_new_tokens, do_sample=True, temperature=1.0)
+    responses = generate(
+        model, tok, prompts, max_new_tokens, do_sample=True, temperature=1.0
+    )
     seconds = time.perf_counter() - t
     distinct, p1, pk = [], [], []
     for i, p in enumerate(problems):
@@ -72,11 +80,15 @@ def sampling_report(model, tok, problems, k: int, max_new_tokens: int) -> dict:
     return {
         "k": k,
         "mean_distinct_answers": round(statistics.mean(distinct), 2),
-        "frac_problems_with_>=3_distinct": round(sum(d >= 3 for d in distinct) / len(distinct), 3),
+        "frac_problems_with_>=3_distinct": round(
+            sum(d >= 3 for d in distinct) / len(distinct), 3
+        ),
         "distinct_hist": dict(sorted(Counter(distinct).items())),
         "pass@1_T1": round(statistics.mean(p1), 4),
         f"pass@{k}_T1": round(statistics.mean(pk), 4),
-        "tokens_per_second": round(sum(len(tok(r).input_ids) for r in responses) / seconds),
+        "tokens_per_second": round(
+            sum(len(tok(r).input_ids) for r in responses) / seconds
+        ),
         "gen_seconds": round(seconds, 1),
     }
 
@@ -92,7 +104,9 @@ def length_report(tok, problems) -> dict:
     return {
         "prompt_tokens_mean": round(statistics.mean(prompt_lens), 1),
         "prompt_tokens_max": max(prompt_lens),
-        "response_tokens_mean_by_level": {k: round(statistics.mean(v), 1) for k, v in sorted(by_level.items())},
+        "response_tokens_mean_by_level": {
+            k: round(statistics.mean(v), 1) for k, v in sorted(by_level.items())
+        },
         "response_tokens_max": max(max(v) for v in by_level.values()),
     }
 
@@ -127,7 +141,9 @@ def main() -> None:
         "lengths": length_report(tok, test + ood),
         "test_greedy": greedy_report(model, tok, test, args.max_new_tokens),
         "ood_greedy": greedy_report(model, tok, ood, args.max_new_tokens),
-        "test_sampling": sampling_report(model, tok, test[: args.n_sample], args.k, args.max_new_tokens),
+        "test_sampling": sampling_report(
+            model, tok, test[: args.n_sample], args.k, args.max_new_tokens
+        ),
     }
     text = json.dumps(report, indent=2, default=str)
     print(text)

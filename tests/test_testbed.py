@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -15,10 +16,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from satori.data import Problem, plain_prompt
 from satori.errors import SatoriError
-from satori.testbed.checker import check_steps, correct_step_text, parse_equation, verify_step
+from satori.testbed.checker import (
+    check_steps,
+    correct_step_text,
+    parse_equation,
+    verify_step,
+)
 from satori.testbed.model import build_model, build_tokenizer
-from satori.testbed.pretrain import PretrainConfig, lr_at, pretrain
-from satori.testbed.tasks import MAX_VALUE, MIN_VALUE, chain_values, make_problems, reference_solution
+from satori.testbed.pretrain import PretrainConfig, lr_at, make_batch, pretrain
+from satori.testbed.tasks import (
+    MAX_VALUE,
+    MIN_VALUE,
+    chain_values,
+    make_problems,
+    reference_solution,
+)
 
 # Ana has 7. +5 -> 12, -3 -> 9, *2 -> 18, /3 -> 6
 HAND = Problem(
@@ -26,7 +38,13 @@ HAND = Problem(
     question="Ana has 7 marbles. She finds 5 more marbles. She gives 3 marbles to Ben. "
     "Then her marbles double. She keeps only a third of her marbles. How many marbles does Ana have now?",
     answer="6",
-    meta={"start": 7, "ops": [["+", 5], ["-", 3], ["*", 2], ["/", 3]], "level": 4, "source": "testbed", "split": "test"},
+    meta={
+        "start": 7,
+        "ops": [["+", 5], ["-", 3], ["*", 2], ["/", 3]],
+        "level": 4,
+        "source": "testbed",
+        "split": "test",
+    },
 )
 RIGHT = [
     "Step 1: 7 + 5 = 12",
@@ -54,7 +72,9 @@ def test_make_problems_deterministic_and_seed_dependent():
 def test_splits_are_disjoint_across_seeds():
     questions = {}
     for split, n in (("train", 2000), ("valid", 300), ("test", 300)):
-        questions[split] = {p.question for s in (0, 1) for p in make_problems(split, n, seed=s)}
+        questions[split] = {
+            p.question for s in (0, 1) for p in make_problems(split, n, seed=s)
+        }
     assert not questions["train"] & questions["valid"]
     assert not questions["train"] & questions["test"]
     assert not questions["valid"] & questions["test"]
@@ -74,7 +94,9 @@ def test_levels_meta_and_bounds():
         values = chain_values(p.meta["start"], p.meta["ops"])
         assert all(MIN_VALUE <= v <= MAX_VALUE for v in values)
         assert p.answer == str(values[-1])
-        assert len(re.findall(r"\. ", p.question)) >= p.meta["level"]  # one sentence per op
+        assert (
+            len(re.findall(r"\. ", p.question)) >= p.meta["level"]
+        )  # one sentence per op
 
 
 def test_make_problems_rejects_bad_input():
@@ -101,8 +123,15 @@ def _step_errors(p: Problem, text: str) -> list[bool]:
     errors, prev = [], None
     eqs = [parse_equation(s) for s in text.split("\n\n")]
     for (op, operand), eq in zip(p.meta["ops"], eqs):
-        assert prev is None or eq.a == prev  # continues from the written (maybe wrong) value
-        arith = {"+": eq.a + eq.b, "-": eq.a - eq.b, "*": eq.a * eq.b, "/": eq.a / eq.b}[eq.op]
+        assert (
+            prev is None or eq.a == prev
+        )  # continues from the written (maybe wrong) value
+        arith = {
+            "+": eq.a + eq.b,
+            "-": eq.a - eq.b,
+            "*": eq.a * eq.b,
+            "/": eq.a / eq.b,
+        }[eq.op]
         errors.append(arith != eq.c or eq.b != operand or eq.op != op)
         prev = eq.c
     return errors
@@ -136,25 +165,43 @@ def test_checker_accepts_right_solution_and_swapped_operands():
     c = check_steps(HAND, solution(RIGHT))
     assert (c.first_wrong_step, c.final_correct, c.n_steps) == (None, True, 4)
     assert c.expected == ["7 + 5 = 12", "12 - 3 = 9", "9 * 2 = 18", "18 / 3 = 6"]
-    swapped = solution(["Step 1: 5 + 7 = 12", *RIGHT[1:2], "Step 3: 2 × 9 = 18", RIGHT[3]])
+    swapped = solution(
+        ["Step 1: 5 + 7 = 12", *RIGHT[1:2], "Step 3: 2 × 9 = 18", RIGHT[3]]
+    )
     assert check_steps(HAND, swapped).first_wrong_step is None
 
 
 def test_checker_wrong_arithmetic_at_step_3():
-    text = solution([*RIGHT[:2], "Step 3: 9 * 2 = 19", "Step 4: 19 / 3 = 6\nThe answer is \\boxed{6}."])
+    text = solution(
+        [
+            *RIGHT[:2],
+            "Step 3: 9 * 2 = 19",
+            "Step 4: 19 / 3 = 6\nThe answer is \\boxed{6}.",
+        ]
+    )
     c = check_steps(HAND, text)
     assert c.first_wrong_step == 3 and "arithmetic" in c.reason
     assert c.final_correct  # right answer by luck, wrong steps
 
 
 def test_checker_wrong_operand_at_step_2():
-    text = solution([RIGHT[0], "Step 2: 12 - 4 = 8", "Step 3: 8 * 2 = 16", "Step 4: 16 / 3 = 5\nThe answer is \\boxed{5}."])
+    text = solution(
+        [
+            RIGHT[0],
+            "Step 2: 12 - 4 = 8",
+            "Step 3: 8 * 2 = 16",
+            "Step 4: 16 / 3 = 5\nThe answer is \\boxed{5}.",
+        ]
+    )
     c = check_steps(HAND, text)
     assert c.first_wrong_step == 2 and "operand" in c.reason and not c.final_correct
 
 
 def test_checker_wrong_previous_value_and_operation():
-    assert check_steps(HAND, solution([RIGHT[0], "Step 2: 11 - 3 = 8"])).first_wrong_step == 2
+    assert (
+        check_steps(HAND, solution([RIGHT[0], "Step 2: 11 - 3 = 8"])).first_wrong_step
+        == 2
+    )
     c = check_steps(HAND, solution([RIGHT[0], "Step 2: 12 + 3 = 15"]))
     assert c.first_wrong_step == 2 and "operation" in c.reason
 
@@ -162,18 +209,36 @@ def test_checker_wrong_previous_value_and_operation():
 def test_checker_missing_and_extra_steps():
     c = check_steps(HAND, solution(RIGHT[:2]) + "\nThe answer is \\boxed{9}.")
     assert (c.first_wrong_step, c.reason, c.final_correct) == (3, "missing step", False)
-    c = check_steps(HAND, solution(RIGHT[:3] + ["Step 4: 18 / 3 = 6", "Step 5: 6 + 1 = 7"]))
+    c = check_steps(
+        HAND, solution(RIGHT[:3] + ["Step 4: 18 / 3 = 6", "Step 5: 6 + 1 = 7"])
+    )
     assert (c.first_wrong_step, c.reason) == (5, "extra step")
 
 
-@pytest.mark.parametrize("garbage", ["", "hello world", "\\boxed{", "= = 3 + ", "9" * 5000 + " + 1 = 2", "Step 99: 1 / 0 = 0"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "hello world",
+        "\\boxed{",
+        "= = 3 + ",
+        "9" * 5000 + " + 1 = 2",
+        "Step 99: 1 / 0 = 0",
+    ],
+)
 def test_checker_garbage_is_wrong_at_step_1(garbage):
     c = check_steps(HAND, garbage)
     assert c.first_wrong_step == 1 and not c.final_correct
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("0123456789 +-*/=x÷\n:Step<|reflect|>{}\\boxed")) | st.characters(), max_size=200))
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("0123456789 +-*/=x÷\n:Step<|reflect|>{}\\boxed"))
+        | st.characters(),
+        max_size=200,
+    )
+)
 def test_checker_never_raises(text):
     c = check_steps(HAND, text)
     assert c.first_wrong_step is None or 1 <= c.first_wrong_step <= 5
@@ -194,7 +259,12 @@ def test_checker_coat_text():
     bad = text.split("<|explore|>")[0] + "\nThe answer is \\boxed{16}."
     assert check_steps(HAND, bad).first_wrong_step == 2
     # a verification step that quotes a wrong equation does not count as a step
-    verified = "<|continue|>".join(RIGHT[:2]) + "<|reflect|>Let me verify: 12 - 3 = 10? No." + "<|continue|>" + "<|continue|>".join(RIGHT[2:])
+    verified = (
+        "<|continue|>".join(RIGHT[:2])
+        + "<|reflect|>Let me verify: 12 - 3 = 10? No."
+        + "<|continue|>"
+        + "<|continue|>".join(RIGHT[2:])
+    )
     assert check_steps(HAND, verified).first_wrong_step is None
 
 
@@ -217,7 +287,9 @@ def test_verify_step_and_correct_step_text():
 @pytest.fixture(scope="module")
 def tokenizer():
     problems = make_problems("train", 300, seed=0)
-    return build_tokenizer([plain_prompt(p.question) + p.solution for p in problems], vocab_size=512)
+    return build_tokenizer(
+        [plain_prompt(p.question) + p.solution for p in problems], vocab_size=512
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -234,7 +306,11 @@ def test_tokenizer_digits_and_prompt_boundary(tokenizer):
     p = make_problems("test", 1)[0]
     prompt = plain_prompt(p.question)
     joint = tokenizer(prompt + p.solution, add_special_tokens=False).input_ids
-    assert joint == tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(p.solution, add_special_tokens=False).input_ids
+    assert (
+        joint
+        == tokenizer(prompt, add_special_tokens=False).input_ids
+        + tokenizer(p.solution, add_special_tokens=False).input_ids
+    )
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
     assert tokenizer.eos_token_id != tokenizer.pad_token_id
 
@@ -248,7 +324,9 @@ def test_model_save_load_with_auto_classes(tokenizer, tmp_path):
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     ids = torch.tensor([tok2("Step 1: 7 + 5 = 12").input_ids])
     assert torch.equal(model(ids).logits, loaded(ids).logits)
-    default = AutoModelForCausalLM.from_pretrained(tmp_path)  # SDPA: same maths, other kernel
+    default = AutoModelForCausalLM.from_pretrained(
+        tmp_path
+    )  # SDPA: same maths, other kernel
     assert torch.allclose(model(ids).logits, default(ids).logits, atol=1e-5)
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
     assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
@@ -265,11 +343,30 @@ def test_lr_schedule():
     cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
 
 
-TINY = dict(model_size="tiny", steps=3, batch_size=4, n_valid=5, max_new_tokens=6, tokenizer_corpus=50, vocab_size=400, warmup_steps=1)
+def test_make_batch_masks_prompt_and_padding():
+    ids, labels = make_batch(
+        [([5, 6, 7, 8], 2), ([9, 10, 11], 1)], pad_id=1, multiple=8
+    )
+    assert ids.shape == (2, 8)
+    assert ids[1].tolist() == [9, 10, 11, 1, 1, 1, 1, 1]
+    assert labels[0].tolist() == [-100, -100, 7, 8] + [-100] * 4
+    assert labels[1].tolist() == [-100, 10, 11] + [-100] * 5
+
+
+TINY = {
+    "model_size": "tiny",
+    "steps": 3,
+    "batch_size": 4,
+    "n_valid": 5,
+    "max_new_tokens": 6,
+    "tokenizer_corpus": 50,
+    "vocab_size": 400,
+    "warmup_steps": 1,
+}
 
 
 def test_tiny_pretrain_is_deterministic_and_writes_build_info(tmp_path):
@@ -286,7 +383,11 @@ def test_tiny_pretrain_is_deterministic_and_writes_build_info(tmp_path):
     assert m1["loss_curve"] == m2["loss_curve"]
     info = json.loads((tmp_path / "a" / "build_info.json").read_text())
     assert info["config"]["seed"] == 5 and info["config"]["steps"] == 3
-    assert 0.0 <= info["valid"]["accuracy"] <= 1.0 and "satori_version" in info and "seconds" in info
+    assert (
+        0.0 <= info["valid"]["accuracy"] <= 1.0
+        and "satori_version" in info
+        and "seconds" in info
+    )
     assert not (tmp_path / "a.tmp").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     AutoTokenizer.from_pretrained(tmp_path / "a")
@@ -301,7 +402,9 @@ def test_shipped_base_model_matches_default_config():
     from satori.testbed import BASE_MODEL_DIR
 
     info = json.loads((BASE_MODEL_DIR / "build_info.json").read_text())
-    assert info["config"] == PretrainConfig().__dict__  # rebuild the asset when defaults change
+    assert (
+        info["config"] == PretrainConfig().__dict__
+    )  # rebuild the asset when defaults change
     tok = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)
     assert model.config.vocab_size == len(tok) and tok.padding_side == "left"

@@ -6,7 +6,13 @@ The shipped base model lives in ``satori/assets/testbed-base`` (see :data:`BASE_
 
 from pathlib import Path
 
-from satori.testbed.checker import StepCheck, check_steps, correct_step_text, split_steps, verify_step
+from satori.testbed.checker import (
+    StepCheck,
+    check_steps,
+    correct_step_text,
+    split_steps,
+    verify_step,
+)
 from satori.testbed.model import build_model, build_tokenizer
 from satori.testbed.pretrain import PretrainConfig, pretrain
 from satori.testbed.tasks import make_problems, reference_solution

@@ -33,7 +33,17 @@ _NUM = r"-?\d{1,12}(?:\.\d{1,12})?"
 _EQ = re.compile(rf"({_NUM})\s*([+\-*/×÷xX−])\s*({_NUM})\s*=\s*({_NUM})")
 _LABEL = re.compile(r"^\s*Step\s+(\d{1,6})\s*:")
 _SPLIT = re.compile(r"(<\|continue\|>|<\|reflect\|>|<\|explore\|>)|\n\s*\n")
-_OPS = {"+": "+", "-": "-", "−": "-", "*": "*", "×": "*", "x": "*", "X": "*", "/": "/", "÷": "/"}
+_OPS = {
+    "+": "+",
+    "-": "-",
+    "−": "-",
+    "*": "*",
+    "×": "*",
+    "x": "*",
+    "X": "*",
+    "/": "/",
+    "÷": "/",
+}
 
 
 @dataclass
@@ -163,7 +173,10 @@ def _step_verdict(eq: Equation, prev: int, op: str, operand: int) -> str:
 def _expected(problem: Problem) -> tuple[list[int], list[list], list[str]]:
     start, ops = ground_truth(problem)
     values = chain_values(start, ops)
-    texts = [format_equation(values[k], op, x, values[k + 1]) for k, (op, x) in enumerate(ops)]
+    texts = [
+        format_equation(values[k], op, x, values[k + 1])
+        for k, (op, x) in enumerate(ops)
+    ]
     return values, ops, texts
 
 
@@ -191,7 +204,9 @@ def check_steps(problem: Problem, text: str) -> StepCheck:
 def _check_k(problem: Problem, k: int) -> tuple[list[int], list[list], list[str]]:
     values, ops, expected = _expected(problem)
     if not 1 <= k <= len(ops):
-        raise SatoriError(f"step {k} out of range: problem {problem.id!r} has {len(ops)} steps")
+        raise SatoriError(
+            f"step {k} out of range: problem {problem.id!r} has {len(ops)} steps"
+        )
     return values, ops, expected
 
 

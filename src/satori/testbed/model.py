@@ -16,7 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from satori.errors import SatoriError
 
@@ -26,24 +31,62 @@ PAD_TOKEN = "<|pad|>"
 #: Phrases the synthesis critic writes; part of the tokenizer's training corpus so they
 #: tokenize compactly even though the base model never sees them in pretraining.
 CRITIC_PHRASES = (
-    "Wait, let me check step 1.", "Wait, let me check step 2.", "Wait, let me check step 3.",
-    "Let me verify step 4.", "Let me double-check the calculation.",
-    "is wrong", "is correct", "should be", "It should be", "This step is correct.",
-    "The calculation is correct.", "The previous step is wrong.", "Let me try again.",
-    "Let me try another approach.", "verify", "correct", "incorrect", "mistake",
-    "I made a mistake in step 2.", "Let's redo step 3.", "So the answer is", "check", "Hmm,",
-    "Therefore", "Wait,", "Alternatively,", "because", "instead of",
+    "Wait, let me check step 1.",
+    "Wait, let me check step 2.",
+    "Wait, let me check step 3.",
+    "Let me verify step 4.",
+    "Let me double-check the calculation.",
+    "is wrong",
+    "is correct",
+    "should be",
+    "It should be",
+    "This step is correct.",
+    "The calculation is correct.",
+    "The previous step is wrong.",
+    "Let me try again.",
+    "Let me try another approach.",
+    "verify",
+    "correct",
+    "incorrect",
+    "mistake",
+    "I made a mistake in step 2.",
+    "Let's redo step 3.",
+    "So the answer is",
+    "check",
+    "Hmm,",
+    "Therefore",
+    "Wait,",
+    "Alternatively,",
+    "because",
+    "instead of",
 )
 
 #: Model sizes: hidden, layers, heads, intermediate.
 SIZES = {
-    "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688),
-    "medium": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1024),
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 688,
+    },
+    "medium": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "intermediate_size": 1024,
+    },
 }
 
 
-def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus_texts: Iterable[str], vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (digits split individually) on ``corpus_texts``.
 
     The critic phrases are added to the corpus. Padding is on the left (for batched
@@ -51,7 +94,9 @@ def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 1024) -> PreT
     loads with ``AutoTokenizer.from_pretrained``; ``decode(encode(x)) == x`` for any text.
     """
     if vocab_size < 300:
-        raise SatoriError(f"tokenizer vocab_size must be at least 300 (256 bytes + specials), got {vocab_size}")
+        raise SatoriError(
+            f"tokenizer vocab_size must be at least 300 (256 bytes + specials), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -87,7 +132,11 @@ def _with_phrases(corpus_texts: Iterable[str]) -> Iterable[str]:
         yield from CRITIC_PHRASES
 
 
-def build_model(vocab_size: int, size: str = "small", tokenizer: PreTrainedTokenizerFast | None = None) -> LlamaForCausalLM:
+def build_model(
+    vocab_size: int,
+    size: str = "small",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> LlamaForCausalLM:
     """A freshly initialised small Llama (``size`` in tiny/small/medium), tied embeddings.
 
     With ``tokenizer`` the config and ``generation_config`` get its bos/eos/pad ids. Eager
@@ -96,14 +145,16 @@ def build_model(vocab_size: int, size: str = "small", tokenizer: PreTrainedToken
     to ``from_pretrained`` to keep it.
     """
     if size not in SIZES:
-        raise SatoriError(f"unknown testbed model size {size!r}; choose one of {', '.join(SIZES)}")
+        raise SatoriError(
+            f"unknown testbed model size {size!r}; choose one of {', '.join(SIZES)}"
+        )
     ids = {}
     if tokenizer is not None:
-        ids = dict(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     dims = SIZES[size]
     config = LlamaConfig(
         vocab_size=vocab_size,

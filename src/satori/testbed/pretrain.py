@@ -28,9 +28,9 @@ import torch
 from satori import __version__
 from satori.data import Problem, plain_prompt
 from satori.errors import SatoriError
+from satori.testbed import tasks
 from satori.testbed.checker import check_steps
 from satori.testbed.model import build_model, build_tokenizer, count_parameters
-from satori.testbed import tasks
 from satori.testbed.tasks import make_problems, reference_solution
 
 
@@ -55,6 +55,9 @@ class PretrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast for training (evaluation runs in fp32)
+    pad_to_multiple: int = (
+        16  # batch widths rounded up to this (bounds memory under bf16)
+    )
     num_threads: int = 2  # torch threads; 0 leaves the current setting
     eval_batch_size: int = 128
     max_new_tokens: int = 96
@@ -66,7 +69,9 @@ def training_text(problem: Problem, solution: str) -> tuple[str, str]:
     return plain_prompt(problem.question), solution
 
 
-def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+def encode_examples(
+    tokenizer, pairs: list[tuple[str, str]]
+) -> list[tuple[list[int], int]]:
     """Token ids of ``prompt + response + eos`` and the prompt length, per pair.
 
     Prompt and response are tokenized separately, exactly as at inference time.
@@ -77,9 +82,16 @@ def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[
     return [(p + r + [eos], len(p)) for p, r in zip(prompts, responses)]
 
 
-def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``labels`` (-100 on the prompt and padding)."""
+def make_batch(
+    examples: list[tuple[list[int], int]], pad_id: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``labels`` (-100 on the prompt and padding).
+
+    The width is rounded up to a multiple of ``multiple``: few distinct shapes keep oneDNN's
+    per-shape bf16 kernel cache (and the process's memory) small.
+    """
     width = max(len(ids) for ids, _ in examples)
+    width = -(-width // multiple) * multiple
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, (ids, n_prompt) in enumerate(examples):
@@ -97,7 +109,9 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-def batch_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+def batch_order(
+    lengths: list[int], batch_size: int, rng: random.Random
+) -> list[list[int]]:
     """Shuffled batches of indices, grouped by similar length to waste little padding.
 
     Indices are shuffled, sorted by length within windows of 16 batches, cut into batches,
@@ -131,7 +145,12 @@ def generate(
     out: list[str] = []
     try:
         for b in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                prompts[b : b + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 gen = model.generate(
                     **enc,
@@ -143,17 +162,31 @@ def generate(
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-            out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+            out += tokenizer.batch_decode(
+                gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = side
     return out
 
 
 def greedy_accuracy(
-    model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 128, bf16: bool = False
+    model,
+    tokenizer,
+    problems: list[Problem],
+    max_new_tokens: int,
+    batch_size: int = 128,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Greedy pass@1 (final answer right, by the checker), overall and per level."""
-    responses = generate(model, tokenizer, [plain_prompt(p.question) for p in problems], max_new_tokens, batch_size, bf16=bf16)
+    responses = generate(
+        model,
+        tokenizer,
+        [plain_prompt(p.question) for p in problems],
+        max_new_tokens,
+        batch_size,
+        bf16=bf16,
+    )
     by_level: dict[int, list[bool]] = defaultdict(list)
     steps_ok = 0
     for p, r in zip(problems, responses):
@@ -164,7 +197,9 @@ def greedy_accuracy(
     return {
         "accuracy": sum(correct) / max(1, len(correct)),
         "all_steps_correct": steps_ok / max(1, len(problems)),
-        "accuracy_by_level": {str(k): sum(v) / len(v) for k, v in sorted(by_level.items())},
+        "accuracy_by_level": {
+            str(k): sum(v) / len(v) for k, v in sorted(by_level.items())
+        },
         "n": len(problems),
     }
 
@@ -200,10 +235,14 @@ def pretrain(
         raise SatoriError(f"unknown pretrain setting(s): {', '.join(unknown)}")
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SatoriError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+        raise SatoriError(
+            f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}"
+        )
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SatoriError(f"output directory {out} exists and is not empty (pass overwrite=True to replace it)")
+        raise SatoriError(
+            f"output directory {out} exists and is not empty (pass overwrite=True to replace it)"
+        )
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if cfg.num_threads > 0:
@@ -217,12 +256,17 @@ def pretrain(
 
     def epoch_examples(epoch: int) -> list[tuple[list[int], int]]:
         erng = random.Random(f"{cfg.seed}/epoch/{epoch}")
-        pairs = [training_text(p, reference_solution(p, cfg.error_rate, erng)) for p in train]
+        pairs = [
+            training_text(p, reference_solution(p, cfg.error_rate, erng)) for p in train
+        ]
         return encode_examples(tokenizer, pairs)
 
     t0 = time.perf_counter()
     corpus_rng = random.Random(f"{cfg.seed}/tokenizer")
-    corpus = [plain_prompt(p.question) + p.solution for p in corpus_rng.sample(train, min(len(train), cfg.tokenizer_corpus))]
+    corpus = [
+        plain_prompt(p.question) + p.solution
+        for p in corpus_rng.sample(train, min(len(train), cfg.tokenizer_corpus))
+    ]
     tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
     t_tokenizer = time.perf_counter() - t0
 
@@ -230,7 +274,10 @@ def pretrain(
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         foreach=True,
@@ -244,9 +291,15 @@ def pretrain(
     for step in range(cfg.steps):
         if not batches:
             examples = epoch_examples(epoch)
-            batches = batch_order([len(ids) for ids, _ in examples], cfg.batch_size, rng)
+            batches = batch_order(
+                [len(ids) for ids, _ in examples], cfg.batch_size, rng
+            )
             epoch += 1
-        input_ids, labels = make_batch([examples[i] for i in batches.pop()], tokenizer.pad_token_id)
+        input_ids, labels = make_batch(
+            [examples[i] for i in batches.pop()],
+            tokenizer.pad_token_id,
+            cfg.pad_to_multiple,
+        )
         n_tokens += input_ids.numel()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -261,7 +314,9 @@ def pretrain(
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    evaluation = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size)
+    evaluation = greedy_accuracy(
+        model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size
+    )
     t_eval = time.perf_counter() - t0
 
     metrics = {
@@ -269,7 +324,15 @@ def pretrain(
         "config": dataclasses.asdict(cfg),
         "task_ranges": {
             name: getattr(tasks, name)
-            for name in ("MIN_VALUE", "MAX_VALUE", "START_RANGE", "ADD_RANGE", "SUB_RANGE", "MUL_RANGE", "DIV_RANGE")
+            for name in (
+                "MIN_VALUE",
+                "MAX_VALUE",
+                "START_RANGE",
+                "ADD_RANGE",
+                "SUB_RANGE",
+                "MUL_RANGE",
+                "DIV_RANGE",
+            )
         },
         "n_train_problems": n_train,
         "epochs": epoch,

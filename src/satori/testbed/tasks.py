@@ -54,20 +54,56 @@ IN_DIST_LEVELS = (2, 3, 4, 5, 6)
 OOD_LEVELS = (7, 8)
 SPLITS = ("train", "valid", "test", "ood")
 #: Hash buckets (out of 100) of the in-distribution splits.
-_BUCKETS = {"train": range(0, 80), "valid": range(80, 90), "test": range(90, 100)}
+_BUCKETS = {"train": range(80), "valid": range(80, 90), "test": range(90, 100)}
 
 NAMES = (
-    ("Ana", "she", "her"), ("Ben", "he", "his"), ("Chloe", "she", "her"), ("David", "he", "his"),
-    ("Emma", "she", "her"), ("Farid", "he", "his"), ("Grace", "she", "her"), ("Hugo", "he", "his"),
-    ("Iris", "she", "her"), ("Jonas", "he", "his"), ("Kenji", "he", "his"), ("Lena", "she", "her"),
-    ("Maya", "she", "her"), ("Noah", "he", "his"), ("Olga", "she", "her"), ("Pablo", "he", "his"),
-    ("Rosa", "she", "her"), ("Sam", "he", "his"), ("Tara", "she", "her"), ("Yusuf", "he", "his"),
+    ("Ana", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Chloe", "she", "her"),
+    ("David", "he", "his"),
+    ("Emma", "she", "her"),
+    ("Farid", "he", "his"),
+    ("Grace", "she", "her"),
+    ("Hugo", "he", "his"),
+    ("Iris", "she", "her"),
+    ("Jonas", "he", "his"),
+    ("Kenji", "he", "his"),
+    ("Lena", "she", "her"),
+    ("Maya", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Olga", "she", "her"),
+    ("Pablo", "he", "his"),
+    ("Rosa", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Tara", "she", "her"),
+    ("Yusuf", "he", "his"),
 )
 OBJECTS = (
-    "marbles", "apples", "stickers", "coins", "books", "stamps", "shells", "cards",
-    "pencils", "cookies", "beads", "toy cars", "buttons", "flowers", "eggs", "candies",
+    "marbles",
+    "apples",
+    "stickers",
+    "coins",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "pencils",
+    "cookies",
+    "beads",
+    "toy cars",
+    "buttons",
+    "flowers",
+    "eggs",
+    "candies",
 )
-FRIENDS = ("a friend", "her brother", "his sister", "the teacher", "a neighbour", "a classmate")
+FRIENDS = (
+    "a friend",
+    "her brother",
+    "his sister",
+    "the teacher",
+    "a neighbour",
+    "a classmate",
+)
 
 _ADD = (
     "{S} finds {n} more {o}.",
@@ -87,7 +123,10 @@ _MUL = {
     2: ("Then {p} {o} double.", "{S} doubles {p} {o}."),
     3: ("Then {p} {o} triple.", "{S} triples {p} {o}."),
 }
-_MUL_ANY = ("{S} ends up with {n} times as many {o}.", "{P_cap} {o} grow to {n} times as many.")
+_MUL_ANY = (
+    "{S} ends up with {n} times as many {o}.",
+    "{P_cap} {o} grow to {n} times as many.",
+)
 _DIV = {
     2: ("{S} gives away half of {p} {o}.", "Then {p} {o} are cut in half."),
     3: ("{S} keeps only a third of {p} {o}.",),
@@ -127,7 +166,11 @@ def _feasible_ops(value: int) -> list[tuple[str, list[int]]]:
     adds = [n for n in range(ADD_RANGE[0], ADD_RANGE[1] + 1) if value + n <= MAX_VALUE]
     subs = [n for n in range(SUB_RANGE[0], SUB_RANGE[1] + 1) if value - n >= MIN_VALUE]
     muls = [n for n in range(MUL_RANGE[0], MUL_RANGE[1] + 1) if value * n <= MAX_VALUE]
-    divs = [n for n in range(DIV_RANGE[0], DIV_RANGE[1] + 1) if value % n == 0 and value // n >= MIN_VALUE]
+    divs = [
+        n
+        for n in range(DIV_RANGE[0], DIV_RANGE[1] + 1)
+        if value % n == 0 and value // n >= MIN_VALUE
+    ]
     for op, operands in (("+", adds), ("-", subs), ("*", muls), ("/", divs)):
         if operands:
             out.append((op, operands))
@@ -184,7 +227,10 @@ def _question(rng: random.Random, start: int, ops: Sequence[Sequence]) -> str:
 
 def _bucket(question: str) -> int:
     """A stable hash bucket in [0, 100) of a question's text."""
-    return int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % 100
+    return (
+        int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big")
+        % 100
+    )
 
 
 def split_of(question: str) -> str:
@@ -204,10 +250,16 @@ def make_problems(
     Each problem carries its error-free reference solution.
     """
     if split not in SPLITS:
-        raise SatoriError(f"unknown testbed split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise SatoriError(
+            f"unknown testbed split {split!r}; choose one of {', '.join(SPLITS)}"
+        )
     if n < 0:
         raise SatoriError(f"number of problems must be >= 0, got {n}")
-    levels = tuple(levels) if levels is not None else (OOD_LEVELS if split == "ood" else IN_DIST_LEVELS)
+    levels = (
+        tuple(levels)
+        if levels is not None
+        else (OOD_LEVELS if split == "ood" else IN_DIST_LEVELS)
+    )
     if not levels or any(not isinstance(lv, int) or lv < 1 for lv in levels):
         raise SatoriError(f"levels must be positive integers, got {levels!r}")
     rng = random.Random(f"satori-testbed/{split}/{seed}")
@@ -217,7 +269,9 @@ def make_problems(
     while len(problems) < n:
         attempts += 1
         if attempts > 1000 * (n + 10):
-            raise SatoriError(f"could not generate {n} distinct {split} problems at levels {levels}")
+            raise SatoriError(
+                f"could not generate {n} distinct {split} problems at levels {levels}"
+            )
         level = levels[len(problems) % len(levels)]
         start, ops = _random_chain(rng, level)
         question = _question(rng, start, ops)
@@ -229,7 +283,13 @@ def make_problems(
             id=f"testbed-{split}-s{seed}-{len(problems)}",
             question=question,
             answer=str(answer),
-            meta={"start": start, "ops": ops, "level": level, "source": "testbed", "split": split},
+            meta={
+                "start": start,
+                "ops": ops,
+                "level": level,
+                "source": "testbed",
+                "split": split,
+            },
         )
         p.solution = reference_solution(p)
         problems.append(p)
@@ -240,7 +300,9 @@ def ground_truth(problem: Problem) -> tuple[int, list[list]]:
     """``(start, ops)`` of a testbed problem; SatoriError if it has none."""
     meta = problem.meta or {}
     if "start" not in meta or "ops" not in meta:
-        raise SatoriError(f"problem {problem.id!r} has no testbed ground truth (meta start/ops)")
+        raise SatoriError(
+            f"problem {problem.id!r} has no testbed ground truth (meta start/ops)"
+        )
     return int(meta["start"]), [[str(op), int(x)] for op, x in meta["ops"]]
 
 
@@ -249,14 +311,19 @@ def format_equation(a: int, op: str, b: int, c: int) -> str:
     return f"{a} {op} {b} = {c}"
 
 
-def format_solution(equations: Sequence[str], answer: int | str, restated: Sequence[str] = ()) -> str:
+def format_solution(
+    equations: Sequence[str], answer: int | str, restated: Sequence[str] = ()
+) -> str:
     """Steps ``Step k: [restated sentence] <equation>`` separated by blank lines.
 
     ``restated`` (optional, one per equation) are the question's sentences the steps restate;
     the answer line ends the last step.
     """
     lead = list(restated) if len(restated) == len(equations) else [""] * len(equations)
-    steps = [f"Step {k}: {(s + ' ') if s else ''}{eq}" for k, (s, eq) in enumerate(zip(lead, equations), 1)]
+    steps = [
+        f"Step {k}: {(s + ' ') if s else ''}{eq}"
+        for k, (s, eq) in enumerate(zip(lead, equations), 1)
+    ]
     final = f"The answer is \\boxed{{{answer}}}."
     if not steps:
         return final
@@ -331,7 +398,11 @@ def reference_solution(
     if not 0.0 <= error_rate <= 1.0:
         raise SatoriError(f"error_rate must be in [0, 1], got {error_rate}")
     start, ops = ground_truth(problem)
-    rng = rng if rng is not None else random.Random(f"satori-testbed/solution/{problem.id}")
+    rng = (
+        rng
+        if rng is not None
+        else random.Random(f"satori-testbed/solution/{problem.id}")
+    )
     value, equations = start, []
     for k, (op, operand) in enumerate(ops):
         result_operand, result = operand, None
