@@ -261,6 +261,19 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def end_of_step(done: int, total: int, save_every: int, stop: StopSignal, checkpoint: Any, log: MetricsLog,
+                out: str | Path) -> None:
+    """What every loop does after step ``done``: a checkpoint every ``save_every`` steps (the
+    final model is saved separately), and on SIGTERM / SIGINT a checkpoint and a clean stop."""
+    if done % save_every == 0 and done < total:
+        checkpoint(done)
+    if stop.requested:
+        checkpoint(done)
+        log.close()
+        raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
+                          f"(checkpoint in {Path(out) / 'checkpoints'})")
+
+
 def check_finite(name: str, value: torch.Tensor | float) -> bool:
     """True when ``value`` holds no NaN / inf."""
     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))

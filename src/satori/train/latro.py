@@ -65,6 +65,7 @@ from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
 from satori.rollout import Sample, eos_ids, generate, load_model, load_tokenizer
 from satori.train.common import (
+    end_of_step,
     MetricsLog,
     StopSignal,
     autocast,
@@ -461,13 +462,7 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
                 result["last_valid_acc"] = metrics["valid_acc"]
             log.log(done, metrics)
             result.update(loss=loss_total, reward_mean=metrics["reward_mean"], kl=metrics["kl"])
-            if done % cfg.save_every == 0 and done < cfg.steps:
-                checkpoint(done)
-            if stop.requested:
-                checkpoint(done)
-                log.close()
-                raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
-                                  f"(checkpoint in {out / 'checkpoints'})")
+            end_of_step(done, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
     log.close()
     acc.wait_for_everyone()
     if best:  # the best held-out model is the final model

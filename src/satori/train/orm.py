@@ -53,6 +53,7 @@ from satori.errors import SatoriError
 from satori.evaluate import read_samples, sample_graded
 from satori.rollout import load_model, load_tokenizer
 from satori.train.common import (
+    end_of_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint,
 )
@@ -515,13 +516,7 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
             if done % cfg.log_every == 0 or "valid_best_of_k" in metrics:
                 metrics_log.log(done, metrics)
             result["loss"] = loss_total
-            if done % cfg.save_every == 0 and done < total_steps:
-                checkpoint(done)
-            if stop.requested:
-                checkpoint(done)
-                metrics_log.close()
-                raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
-                                  f"(checkpoint in {out / 'checkpoints'})")
+            end_of_step(done, total_steps, cfg.save_every, stop, checkpoint, metrics_log, out)
     metrics_log.close()
 
     # 5. the best held-out checkpoint becomes the ORM

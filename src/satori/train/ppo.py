@@ -47,6 +47,7 @@ from satori.errors import SatoriError
 from satori.grading import grade_batch
 from satori.rollout import generate, load_model, load_tokenizer, pack_sequences, token_logprobs
 from satori.train.common import (
+    end_of_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
@@ -369,12 +370,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             log.log(step + 1, metrics)
             result = metrics
             done = step + 1
-            if done % cfg.save_every == 0 and done < cfg.steps:
-                checkpoint(done)
-            if stop.requested:
-                checkpoint(done)
-                log.close()
-                raise SatoriError(f"stopped by signal at step {done}; resume with --resume")
+            end_of_step(done, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
     log.close()
     acc.wait_for_everyone()
     save_final_model(acc, policy, out, tokenizer)

@@ -34,6 +34,7 @@ from satori.data import Problem, build_prompt, read_jsonl
 from satori.errors import SatoriError
 from satori.rollout import load_model, load_tokenizer, token_logprobs
 from satori.train.common import (
+    end_of_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
@@ -291,13 +292,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             if done % cfg.log_every == 0 or "valid_loss" in metrics:
                 log.log(done, metrics)
             result["loss"] = loss_total
-            if done % cfg.save_every == 0 and done < total_steps:
-                checkpoint(done)
-            if stop.requested:
-                checkpoint(done)
-                log.close()
-                raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
-                                  f"(checkpoint in {out / 'checkpoints'})")
+            end_of_step(done, total_steps, cfg.save_every, stop, checkpoint, log, out)
     log.close()
     acc.wait_for_everyone()
     save_final_model(acc, model, out, tokenizer)
