@@ -51,3 +51,58 @@ def test_decode_keeps_meta_tokens(tiny_coat):
     tok = load_tokenizer(tiny_coat)
     ids = tok("Step 1: 2 + 2 = 4" + REFLECT + "check", add_special_tokens=False)["input_ids"]
     assert REFLECT in decode(tok, ids + [tok.pad_token_id])
+
+
+def _kv_matches_hf(model, tok, prompts, **kw):
+    for temperature, n in ((0.0, 1), (1.0, 3)):
+        for batch_size in (64, 4):
+            fast = generate(model, tok, prompts, temperature=temperature, n=n, batch_size=batch_size, seed=3,
+                            engine="kv", **kw)
+            ref = generate(model, tok, prompts, temperature=temperature, n=n, batch_size=batch_size, seed=3,
+                           engine="hf", **kw)
+            assert [(s.response_ids, s.truncated) for s in fast] == [(s.response_ids, s.truncated) for s in ref]
+    return ref
+
+
+def test_kv_decoder_gives_exactly_what_model_generate_gives():
+    """The testbed base model: rows end at different steps (batch compaction) and several
+    samples share one prompt pass."""
+    from satori.data import build_prompt
+    from satori.testbed import BASE_MODEL_DIR, make_problems
+
+    tok, model = load_tokenizer(BASE_MODEL_DIR), load_model(BASE_MODEL_DIR)
+    prompts = [build_prompt(p, tok) for p in make_problems("test", 6, seed=5)] + ["Problem: 2 + 2\n"]
+    ref = _kv_matches_hf(model, tok, prompts, max_new_tokens=48)
+    lengths = {len(s.response_ids) for s in ref}
+    assert len(lengths) > 3 and any(not s.truncated for s in ref) and any(s.truncated for s in ref)
+
+
+def test_kv_decoder_on_a_qwen2_layout_with_grouped_query_attention_and_bias(tiny_coat):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = load_tokenizer(tiny_coat)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=500.0, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    prompts = ["Problem: Ana has 3 apples.\nSolution:\n", "Q\n", "Problem: Ben has 12 coins and finds 7 more.\n"]
+    first = generate(model, tok, prompts, max_new_tokens=12, engine="hf")
+    # make a token the model emits early an end token, so rows stop at different steps
+    model.generation_config.eos_token_id = [tok.eos_token_id, first[0].response_ids[4]]
+    ref = _kv_matches_hf(model, tok, prompts, max_new_tokens=12)
+    assert any(not s.truncated for s in ref)
+
+
+def test_kv_engine_refuses_an_unsupported_architecture(tiny_coat):
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from satori.errors import SatoriError
+
+    tok = load_tokenizer(tiny_coat)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(SatoriError, match="gpt2"):
+        generate(model, tok, ["Q\n"], max_new_tokens=3, engine="kv")
+    assert len(generate(model, tok, ["Q\n"], max_new_tokens=3)) == 1  # auto falls back to model.generate
