@@ -114,5 +114,6 @@ def test_orm_with_another_tokenizer_is_refused(tmp_path, tiny_coat, tiny_base):
 
 def test_nan_reward_is_refused(tmp_path, tiny_coat):
     orm = make_orm(tiny_coat, tmp_path / "orm_nan", poison=True)
-    with pytest.raises(SatoriError, match="reward is NaN"):
-        run_rl(rl_cfg(tmp_path, tiny_coat, "nan", orm=str(orm)))
+    with pytest.raises(SatoriError, match=r"NaN/inf values \(the last one in reward; limit --max-bad-steps 1"):
+        run_rl(rl_cfg(tmp_path, tiny_coat, "nan", orm=str(orm), max_bad_steps=1))
+    assert [r["nonfinite"] for r in metrics(tmp_path / "nan")] == ["reward", "reward"]

@@ -398,16 +398,18 @@ class _ModelServer:
     """An OpenAI-compatible server on 127.0.0.1 that answers with a real local model.
 
     ``fail_first`` requests answer 500, ``slow_first`` requests sleep ``sleep`` seconds
-    first, and requests whose messages contain ``fail_marker`` always answer 500.
+    first, and requests whose messages contain ``fail_marker`` always answer 500 (or, with
+    ``garbage``, status 200 with an HTML page instead of JSON, as a broken proxy does).
     """
 
     def __init__(self, model_path: Path, fail_first: int = 0, slow_first: int = 0, sleep: float = 0.0,
-                 fail_marker: str | None = None):
+                 fail_marker: str | None = None, garbage: bool = False):
         from satori.rollout import generate, load_model, load_tokenizer
 
         self.model, self.tok = load_model(model_path), load_tokenizer(model_path)
         self.generate = generate
         self.fail_first, self.slow_first, self.sleep, self.fail_marker = fail_first, slow_first, sleep, fail_marker
+        self.garbage = garbage
         self.lock = threading.Lock()
         self.log: list[str] = []
         self.bodies: list[dict] = []
@@ -418,7 +420,7 @@ class _ModelServer:
                 pass
 
             def _send(self, status, obj):
-                data = json.dumps(obj).encode()
+                data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -445,6 +447,8 @@ class _ModelServer:
                     kind = "fail" if n < server.fail_first or marked else "slow" if n < server.slow_first else "ok"
                     server.log.append(kind)
                 if kind == "fail":
+                    if server.garbage and marked:
+                        return self._send(200, b"<html><body>502 Bad Gateway</body></html>")
                     return self._send(500, {"error": "boom"})
                 if kind == "slow":
                     time.sleep(server.sleep)
@@ -504,13 +508,15 @@ def test_openai_timeouts_are_retried(tmp_path, tiny_base):
     assert len(server.log) >= 2 + 4  # the two timed-out requests were sent again
 
 
-def test_openai_persistent_failure_is_reported_and_run_continues(tmp_path, tiny_base):
+@pytest.mark.parametrize("garbage", [False, True], ids=["http-500", "garbage-200"])
+def test_openai_persistent_failure_is_reported_and_run_continues(tmp_path, tiny_base, garbage):
     victim = make_problems("train", 3, seed=3)[1]
-    with _ModelServer(_base(tiny_base), fail_marker=victim.question) as server:
+    with _ModelServer(_base(tiny_base), fail_marker=victim.question, garbage=garbage) as server:
         summary = run_synth(_openai_cfg(tmp_path / "o", server, max_retries=1))
     assert summary["failed"] == 1 and summary["failed_ids"] == [victim.id] and summary["processed"] == 2
     errors = [json.loads(x) for x in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
-    assert errors[0]["id"] == victim.id and "HTTP 500" in errors[0]["error"] and "2 attempts" in errors[0]["error"]
+    reason = "malformed chat-completions answer" if garbage else "HTTP 500"
+    assert errors[0]["id"] == victim.id and reason in errors[0]["error"] and "2 attempts" in errors[0]["error"]
     assert server.log.count("fail") == 2 * 2  # two samples, each tried twice
     assert victim.id not in {d["id"] for d in _done(tmp_path / "o")}
     with _ModelServer(_base(tiny_base)) as server:  # the failed problem is retried on the next run

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from satori.config import add_config_arguments, config_from_args
-from satori.errors import SatoriError
+from satori.config import add_config_arguments, check, config_from_args
+from satori.errors import SatoriError, Stopped
 
 
 @dataclass
@@ -29,6 +29,10 @@ class GradeConfig:
     workers: int = 0
     timeout: float = 5.0
     last_number_fallback: bool = True
+
+    def validate(self) -> None:
+        check(self.workers >= 0, f"workers must be >= 0 (0: one per core), got {self.workers}")
+        check(0 < self.timeout <= 86400, f"timeout must be in (0, 86400] seconds, got {self.timeout}")
 
 
 def _cmd_grade(cfg: GradeConfig, args: argparse.Namespace) -> None:
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(cls, args)
         runner(cfg, args)
+    except Stopped as e:  # SIGTERM / SIGINT: a checkpoint was written; not an error, but not done either
+        print(f"satori: {e}", file=sys.stderr)
+        return 128 + (e.signum or 15)
     except SatoriError as e:
         if args.verbose:
             raise

@@ -35,6 +35,7 @@ TOKEN_OF_ACTION = {action: token for token, action in ACTION_OF_TOKEN.items()}
 _META_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in META_TOKENS) + ")")
 _COT_STEP_START = re.compile(r"\s*(?:#+\s*)?(?:\*\*)?Step\b")
 _BOXED = "\\boxed{"
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.S)
 
 
 @dataclass(frozen=True)
@@ -136,34 +137,22 @@ def is_plain_cot(response: str) -> bool:
 def _last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` in ``text`` whose braces balance, else None.
 
-    Escaped braces (``\\{``, ``\\}``) are literal characters in LaTeX and do not count.
+    Escaped braces (``\\{``, ``\\}``) are literal characters in LaTeX and do not count. One
+    pass over the braces with a stack (linear time, also for thousands of unclosed boxes).
     """
-    start = text.rfind(_BOXED)
-    while start != -1:
-        content = _balanced_from(text, start + len(_BOXED))
-        if content is not None:
-            return content
-        start = text.rfind(_BOXED, 0, start)
-    return None
-
-
-def _balanced_from(text: str, begin: int) -> str | None:
-    """Text from ``begin`` up to the brace closing an already-open ``{``; None if unclosed."""
-    depth = 1
-    i = begin
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i]
-        i += 1
-    return None
+    if _BOXED not in text:
+        return None
+    opened: list[int] = []  # for each open brace: where its content begins if it opens a box, else -1
+    best = (-1, -1)
+    for m in _BRACE_OR_ESCAPE.finditer(text):
+        tok, i = m.group(), m.start()
+        if tok == "{":
+            opened.append(i + 1 if i + 1 >= len(_BOXED) and text.startswith(_BOXED, i + 1 - len(_BOXED)) else -1)
+        elif tok == "}" and opened:
+            begin = opened.pop()
+            if begin > best[0]:
+                best = (begin, i)
+    return text[best[0]:best[1]] if best[0] >= 0 else None
 
 
 def final_answer_step(steps: list[Step]) -> Step | None:

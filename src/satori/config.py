@@ -248,3 +248,18 @@ def check(condition: bool, message: str) -> None:
     """Raise a config error unless ``condition``; used by ``validate`` methods."""
     if not condition:
         raise SatoriError(message)
+
+
+def validate_all(cfg: Any) -> None:
+    """Run ``validate`` on every nested section, then on ``cfg`` itself.
+
+    ``from_dict`` (YAML and flags) already does this; the training commands call it again
+    first thing, so a config built or changed in Python is refused before any work too.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_all(value)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()

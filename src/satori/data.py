@@ -103,27 +103,40 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [rec for _, rec in read_jsonl_lines(path)]
 
 
-def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_lines(path: str | Path, errors: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a JSONL file; errors name the
-    file and line (missing file, invalid UTF-8, malformed JSON, a value that is not an object)."""
+    file and line (missing file, invalid UTF-8, malformed JSON, a value that is not an object).
+
+    With an ``errors`` list, a bad line is skipped and its message appended there instead.
+    """
     p = Path(path)
     if not p.is_file():
         raise SatoriError(f"data file not found: {p}")
     records = []
+
+    def bad(message: str) -> None:
+        if errors is None:
+            raise SatoriError(message)
+        errors.append(message)
+
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise SatoriError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                bad(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SatoriError(f"{p}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                detail = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                bad(f"{p}:{lineno}: malformed JSON ({detail})")
+                continue
             if not isinstance(rec, dict):
-                raise SatoriError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                bad(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                continue
             records.append((lineno, rec))
     return records
 
@@ -234,12 +247,16 @@ def _arc_fields(rec: dict[str, Any], where: str) -> tuple[str, str, list[list[st
 
 
 def problems_from_records(records: list[dict[str, Any]], cfg: DataConfig, source: str,
-                          line_numbers: list[int] | None = None) -> list[Problem]:
+                          line_numbers: list[int] | None = None, skipped_lines: list[str] | None = None) -> list[Problem]:
     """Turn raw records into problems, raising (or skipping, when ``cfg.on_error == 'skip'``)
-    on malformed ones; duplicate ids get a suffix so ids stay unique."""
+    on malformed ones and on repeated questions (a question seen before, with or without the
+    same answer: it would weigh twice, or contradict itself); duplicate ids of different
+    questions get a suffix so ids stay unique. Skipped records are counted in a warning
+    (with ``skipped_lines``: lines the file reader already skipped)."""
     problems: list[Problem] = []
-    skipped = 0
+    reasons: list[str] = list(skipped_lines or [])
     seen: dict[str, int] = {}
+    questions: dict[tuple[str, str], tuple[str, str]] = {}
     fmt = cfg.format
     if fmt == "auto" and records:
         fmt = detect_format(records[0])
@@ -247,9 +264,14 @@ def problems_from_records(records: list[dict[str, Any]], cfg: DataConfig, source
         where = f"{source}:{line_numbers[i] if line_numbers else i + 1}"
         try:
             p = record_to_problem(rec, fmt, cfg, where, i)
-        except SatoriError:
+            first, answer = questions.setdefault(_question_key(p), (where, p.answer))
+            if first != where:
+                same = "same" if answer == p.answer else f"there answer {answer!r}, here {p.answer!r}"
+                raise SatoriError(f"{where}: duplicate question (first at {first}, {same}); "
+                                  "remove it or set data.on_error: skip")
+        except SatoriError as e:
             if cfg.on_error == "skip":
-                skipped += 1
+                reasons.append(str(e))
                 continue
             raise
         if p.id in seen:
@@ -260,11 +282,21 @@ def problems_from_records(records: list[dict[str, Any]], cfg: DataConfig, source
         problems.append(p)
         if cfg.limit and len(problems) >= cfg.limit:
             break
-    if skipped:
+    if reasons:
         import logging
 
-        logging.getLogger("satori").warning("%s: skipped %d malformed record(s)", source, skipped)
+        duplicates = sum("duplicate question" in r for r in reasons)
+        logging.getLogger("satori").warning(
+            "%s: skipped %d record(s) (%d malformed, %d duplicate), kept %d; first: %s", source, len(reasons),
+            len(reasons) - duplicates, duplicates, len(problems), reasons[0])
     return problems
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _question_key(p: Problem) -> tuple[str, str]:
+    return (_WHITESPACE.sub(" ", p.question).strip(), json.dumps(p.meta.get("choices")))
 
 
 def problems_from_dataset(dataset: Any, cfg: DataConfig | None = None, source: str = "dataset") -> list[Problem]:
@@ -288,10 +320,15 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
     if p.is_file():
         if p.suffix not in (".jsonl", ".json", ".ndjson"):
             raise SatoriError(f"{p}: unsupported data file type '{p.suffix}' (expected .jsonl)")
-        records = read_jsonl(p)
-        if not records:
-            raise SatoriError(f"{p}: no records")
-        return problems_from_records(records, cfg, str(p))
+        bad_lines: list[str] | None = [] if cfg.on_error == "skip" else None
+        lines = read_jsonl_lines(p, errors=bad_lines)
+        if not lines:
+            raise SatoriError(f"{p}: no records" + (f" ({len(bad_lines)} bad line(s) skipped, first: {bad_lines[0]})"
+                                                   if bad_lines else ""))
+        problems = problems_from_records([rec for _, rec in lines], cfg, str(p), [n for n, _ in lines], bad_lines)
+        if not problems:
+            raise SatoriError(f"{p}: no usable records (all skipped as malformed or duplicate)")
+        return problems
     return problems_from_dataset(_load_folder(p, cfg.split), cfg, source=str(p))
 
 

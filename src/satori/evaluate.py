@@ -40,6 +40,7 @@ class GenConfig:
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.max_batch_tokens > 0, f"max_batch_tokens must be > 0, got {self.max_batch_tokens}")
 
 
 @dataclass

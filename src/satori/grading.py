@@ -49,7 +49,7 @@ from satori.errors import SatoriError
 
 # --------------------------------------------------------------------------- extraction
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)
 _ANSWER_IS = re.compile(r"answer\s{1,10}is(?![\w'’])[ \t]{0,10}:?", re.I)
 _HASHES = re.compile(r"####[ \t]{0,10}([-+$\\(.\d][^\n]*)")
@@ -74,23 +74,13 @@ def _matching_brace(text: str, open_idx: int) -> int:
     return -1
 
 
-def _last_box_command(text: str, end: int) -> tuple[int, int]:
-    """(start, end) of the last ``\\boxed``/``\\fbox`` command before ``end``; (-1, -1) if none."""
-    best = (-1, -1)
-    for cmd in _BOX_COMMANDS:
-        pos = text.rfind(cmd, 0, end)
-        if pos > best[0]:
-            best = (pos, pos + len(cmd))
-    return best
-
-
 def _last_boxed(text: str) -> str | None | object:
-    """Content of the last box, ``None`` when there is none, ``_TRUNCATED`` when unclosed."""
-    end = len(text)
-    while True:
-        start, after = _last_box_command(text, end)
-        if start < 0:
-            return None
+    """Content of the last box, ``None`` when there is none, ``_TRUNCATED`` when unclosed.
+
+    One pass over the box commands (linear time: a text of many ``\\boxedx`` non-boxes
+    must not make this quadratic)."""
+    commands = [(m.start(), m.end()) for m in _BOX_COMMAND.finditer(text)] if "\\" in text else []
+    for start, after in reversed(commands):
         nxt = after
         while nxt < len(text) and text[nxt] in " \t":
             nxt += 1
@@ -103,11 +93,11 @@ def _last_boxed(text: str) -> str | None | object:
         if nxt >= len(text):
             return _TRUNCATED
         if after < len(text) and text[after].isalpha():  # e.g. \boxedtext: not a box
-            end = start
             continue
         # "\boxed 5": a single unbraced token
         m = re.match(r"[^\s$]+", text[nxt : nxt + 200])
         return m.group() if m else None
+    return None
 
 
 def _clean_inline_answer(x: str) -> str | None:
@@ -452,6 +442,12 @@ def _shutdown_workers() -> None:
 # --------------------------------------------------------------------------- grading
 
 
+def is_blank_response(response: str) -> bool:
+    """True when a response holds nothing but whitespace and special tokens such as
+    ``<|reflect|>`` (such a response never earns the correctness reward)."""
+    return not _META_TOKEN.sub("", response).strip()
+
+
 def grade(
     response: str,
     gold: str,
@@ -462,10 +458,10 @@ def grade(
 ) -> tuple[str | None, bool]:
     """(extracted answer, correct) for one response.
 
-    A blank response is never correct, nor is a truncated one (generation hit the length
+    A blank response (or one of special tokens only) is never correct, nor is a truncated one (generation hit the length
     limit without EOS); the extraction is still returned for inspection.
     """
-    if not response.strip():
+    if is_blank_response(response):
         return None, False
     extracted = extract_answer(response, last_number_fallback=last_number_fallback)
     if truncated:
@@ -501,7 +497,7 @@ def grade_batch(
     results: list[tuple[str | None, bool]] = []
     pending: list[int] = []
     for i, (response, gold, cut) in enumerate(zip(responses, golds, flags)):
-        if not response.strip():
+        if is_blank_response(response):
             results.append((None, False))
             continue
         extracted = extract_answer(response, last_number_fallback=last_number_fallback)

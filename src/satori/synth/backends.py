@@ -6,9 +6,10 @@ chat-completions endpoint.
 * ``openai``: ``POST {base_url}/chat/completions`` through httpx with a bounded thread pool
   (``concurrency``), a per-request ``timeout``, and retries with exponential back-off
   (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``) on time-outs,
-  connection errors, 429 and 5xx. Other 4xx answers fail at once. A request that still
-  fails after ``max_retries`` retries comes back as a :class:`RequestFailed` value, so a
-  caller can report it and go on with other work. :func:`probe` checks, before any work,
+  connection errors, 429, 5xx and 200 answers that are not a chat completion (garbage).
+  Other 4xx answers fail at once. A request that still fails after ``max_retries``
+  retries comes back as a :class:`RequestFailed` value, so a caller can report it and go
+  on with other work. :func:`probe` checks, before any work,
   that ``GET {base_url}/models`` answers.
 
 A generator continues a partial solution either as a trailing assistant message with
@@ -134,9 +135,13 @@ def chat(client: OpenAIClient, messages: list[dict[str, str]], *, max_tokens: in
             error = f"{type(e).__name__}: {e}"
         else:
             if r.status_code == 200:
-                return _parse_completion(r)
-            error = f"HTTP {r.status_code}: {r.text[:200].strip()}"
-            if r.status_code < 500 and r.status_code not in RETRY_STATUS:
+                parsed = _parse_completion(r)
+                if isinstance(parsed, Completion):
+                    return parsed
+                error = parsed.error  # garbage from a proxy or an overloaded server: try again
+            else:
+                error = f"HTTP {r.status_code}: {r.text[:200].strip()}"
+            if 200 < r.status_code < 500 and r.status_code not in RETRY_STATUS:
                 return RequestFailed(f"{client.role}: {client.base_url}/chat/completions: {error}")
             wait = _retry_after(r) or wait
         if attempt < client.max_retries:
@@ -149,9 +154,12 @@ def _parse_completion(r: httpx.Response) -> Completion | RequestFailed:
     try:
         choice = r.json()["choices"][0]
         text = choice["message"]["content"] or ""
-    except (ValueError, KeyError, IndexError, TypeError):
+        if not isinstance(text, str):
+            raise TypeError("content is not text")
+        finish = choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return RequestFailed(f"malformed chat-completions answer: {r.text[:200]!r}")
-    return Completion(text, choice.get("finish_reason") == "length")
+    return Completion(text, finish == "length")
 
 
 def chat_many(client: OpenAIClient, requests: Sequence[dict[str, Any]]) -> list[Completion | RequestFailed]:

@@ -63,6 +63,21 @@ class PretrainConfig:
     max_new_tokens: int = 96
     log_every: int = 100
 
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "n_valid", "vocab_size", "tokenizer_corpus", "lr", "grad_clip",
+                     "pad_to_multiple", "eval_batch_size", "max_new_tokens", "log_every"):
+            if not getattr(self, name) > 0:
+                raise SatoriError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("n_train", "warmup_steps", "weight_decay", "num_threads"):
+            if getattr(self, name) < 0:
+                raise SatoriError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("error_rate", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SatoriError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SatoriError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
 
 def training_text(problem: Problem, solution: str) -> tuple[str, str]:
     """``(prompt, response)`` of one training example."""
@@ -234,10 +249,7 @@ def pretrain(
     if unknown:
         raise SatoriError(f"unknown pretrain setting(s): {', '.join(unknown)}")
     cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SatoriError(
-            f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}"
-        )
+    cfg.validate()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SatoriError(

@@ -7,13 +7,18 @@
   :func:`latest_checkpoint` / :func:`load_checkpoint` bring them back for ``--resume``;
 * :class:`MetricsLog` appends one JSON line per step (and writes TensorBoard scalars);
 * :class:`StopSignal` turns SIGTERM / SIGINT into a flag the loop checks, so the loop can
-  checkpoint and exit cleanly;
-* :func:`check_finite` refuses NaN / inf before they reach the weights.
+  checkpoint and exit cleanly (:func:`end_of_step` raises :class:`satori.errors.Stopped`);
+  a second signal interrupts at once;
+* :func:`check_finite` / :func:`grads_finite` find NaN / inf before they reach the weights;
+  :func:`skip_bad_step` reports and counts such a step and stops the run after
+  ``max_bad_steps`` of them (the last checkpoint stays as it was).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import random
@@ -25,10 +30,12 @@ from typing import Any
 
 import torch
 
-from satori.errors import SatoriError
+from satori.errors import SatoriError, Stopped
 from satori.utils import write_json
 
 CKPT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-" + CKPT_PREFIX
+logger = logging.getLogger("satori")
 
 
 def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no") -> Any:
@@ -119,6 +126,26 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete temporary checkpoint folders left by a killed writer (its process is gone)."""
+    for p in root.iterdir():
+        if not p.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # the writer is still alive (another run on the same folder?): leave it
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimizers: dict[str, Any],
                     state: dict[str, Any], tokenizer: Any = None, keep: int = 2) -> Path:
     """Write ``out/checkpoints/step-N`` atomically (temporary folder, then rename).
@@ -126,16 +153,20 @@ def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimize
     ``models`` maps names to (unwrapped) modules saved with ``save_pretrained`` when they
     have it; ``optimizers`` maps names to objects with ``state_dict`` (optimizers,
     schedulers); ``state`` is the loop's own JSON state. Older checkpoints beyond ``keep``
-    are removed only after the new one is in place.
+    are removed only after the new one is in place. A write that fails (full disk, quota,
+    I/O error) removes its temporary folder and raises ``SatoriError`` naming the previous
+    checkpoint, which is untouched; temporary folders of killed writers are cleaned up.
     """
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     final = root / f"{CKPT_PREFIX}{step}"
-    tmp = root / f".tmp-{CKPT_PREFIX}{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    previous = latest_checkpoint(out)
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         for name, model in models.items():
             if getattr(model, "save_pretrained", None) is not None:
                 model.save_pretrained(tmp / name, safe_serialization=True)
@@ -149,7 +180,17 @@ def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimize
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno:
+            reason = os.strerror(e.errno)
+        else:  # e.g. safetensors reports a full disk as its own error type
+            reason = f"{type(e).__name__}: {e}"
+        hint = " (free disk space, then resume)" if (
+            getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e).lower()) else ""
+        raise SatoriError(f"could not write checkpoint {final}: {reason}{hint}; the previous checkpoint "
+                          f"{previous or '(none)'} is intact") from e
+    except BaseException:  # KeyboardInterrupt: no half-written folder either
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = sorted((p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and p != final),
@@ -239,10 +280,15 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
 
 
 class StopSignal:
-    """Catch SIGTERM / SIGINT so the loop can checkpoint and exit; restores handlers on exit."""
+    """Catch SIGTERM / SIGINT so the loop can checkpoint and exit; restores handlers on exit.
+
+    The first signal sets ``requested`` (and ``signum``); a second one, while the loop is
+    still finishing its step, raises ``KeyboardInterrupt`` at once (Ctrl-C twice quits).
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignal":
@@ -254,7 +300,12 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
+        logger.warning("%s received: stopping after this step with a checkpoint (send it again to quit at once)",
+                       signal.Signals(signum).name)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
@@ -263,15 +314,37 @@ class StopSignal:
 
 def end_of_step(done: int, total: int, save_every: int, stop: StopSignal, checkpoint: Any, log: MetricsLog,
                 out: str | Path) -> None:
-    """What every loop does after step ``done``: a checkpoint every ``save_every`` steps (the
-    final model is saved separately), and on SIGTERM / SIGINT a checkpoint and a clean stop."""
+    """What every loop does after step ``done`` (also after a skipped one): a checkpoint
+    every ``save_every`` steps (the final model is saved separately), and on SIGTERM /
+    SIGINT a checkpoint and a clean stop (:class:`satori.errors.Stopped`)."""
+    saved = False
     if done % save_every == 0 and done < total:
         checkpoint(done)
+        saved = True
     if stop.requested:
-        checkpoint(done)
+        if not saved:
+            checkpoint(done)
         log.close()
-        raise SatoriError(f"stopped by signal at step {done}; resume with --resume "
-                          f"(checkpoint in {Path(out) / 'checkpoints'})")
+        name = signal.Signals(stop.signum).name if stop.signum else "signal"
+        raise Stopped(f"stopped by {name} at step {done}; resume with --resume "
+                      f"(checkpoint in {Path(out) / 'checkpoints'})", signum=stop.signum)
+
+
+def skip_bad_step(step: int, bad_steps: int, max_bad_steps: int, what: str, log: MetricsLog, out: str | Path,
+                  **metrics: Any) -> int:
+    """Report step ``step`` as skipped because ``what`` held NaN / inf; returns the new count
+    of bad steps. The caller has already discarded the step's gradients. After more than
+    ``max_bad_steps`` such steps the run stops (``SatoriError``) with its checkpoints as they
+    were: no NaN ever reaches the weights, so the last checkpoint is good."""
+    bad_steps += 1
+    logger.warning("step %d skipped: NaN/inf in %s (%d bad step(s), limit --max-bad-steps %d)",
+                   step, what, bad_steps, max_bad_steps)
+    log.log(step, {"skipped_nonfinite": 1, "bad_steps": bad_steps, "nonfinite": what, **metrics})
+    if bad_steps > max_bad_steps:
+        log.close()
+        raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf values (the last one in {what}; "
+                          f"limit --max-bad-steps {max_bad_steps}); last good checkpoint: {latest_checkpoint(out)}")
+    return bad_steps
 
 
 def check_finite(name: str, value: torch.Tensor | float) -> bool:

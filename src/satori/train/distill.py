@@ -50,6 +50,9 @@ class DistillConfig:
 
     def validate(self) -> None:
         check(self.n_samples >= 1, f"n_samples must be >= 1, got {self.n_samples}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(0 < self.keep_fraction <= 1, f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         check(0 < self.max_success_rate <= 1, f"max_success_rate must be in (0, 1], got {self.max_success_rate}")
 

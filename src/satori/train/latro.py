@@ -60,12 +60,13 @@ from typing import Any, ClassVar
 import torch
 
 from satori.algos import latro_loss, latro_rewards, masked_sum, rloo_advantages
-from satori.config import check, to_dict
+from satori.config import check, to_dict, validate_all
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
 from satori.rollout import Sample, eos_ids, generate, load_model, load_tokenizer
 from satori.train.common import (
     end_of_step,
+    skip_bad_step,
     MetricsLog,
     StopSignal,
     autocast,
@@ -131,6 +132,13 @@ class LatroConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.steps > 0, f"steps must be > 0, got {self.steps}")
         check(self.batch_size > 0 and self.micro_batch > 0, "batch_size and micro_batch must be > 0")
+        check(self.micro_batch <= self.batch_size, f"micro_batch ({self.micro_batch}) is larger than "
+              f"batch_size ({self.batch_size})")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.gen_batch_size > 0, f"gen_batch_size must be > 0, got {self.gen_batch_size}")
+        check(self.eval_max_new_tokens > 0, f"eval_max_new_tokens must be > 0, got {self.eval_max_new_tokens}")
+        check(self.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
         check(self.temperature > 0, f"temperature must be > 0 (rationales are sampled), got {self.temperature}")
         check(self.max_rationale_tokens > 0, f"max_rationale_tokens must be > 0, got {self.max_rationale_tokens}")
         check(all(c for c in self.answer_cues), "answer_cues may not contain an empty string")
@@ -335,7 +343,7 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
     for name in ("model", "out"):
         if not getattr(cfg, name):
             raise SatoriError(f"--{name} is required")
-    cfg.validate()
+    validate_all(cfg)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     acc = make_accelerator()
@@ -434,14 +442,12 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
             every = acc.gather(torch.cat([local, shape], dim=1).to(acc.device)).cpu()
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
             if not math.isfinite(loss_total) or not bool(torch.isfinite(every).all()) or not grads_finite(model):
-                bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                log.log(step + 1, {"skipped_nonfinite": 1, "loss": loss_total})
-                if bad_steps > cfg.max_bad_steps:
-                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf rewards, loss or gradients "
-                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); last good checkpoint: "
-                                      f"{latest_checkpoint(out)}")
+                what = ("rewards" if not bool(torch.isfinite(every).all()) else
+                        "loss" if not math.isfinite(loss_total) else "gradients")
+                bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, what, log, out, loss=loss_total)
+                end_of_step(step + 1, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
                 continue
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]

@@ -47,13 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from satori.algos import bradley_terry_loss
-from satori.config import check, to_dict
+from satori.config import check, to_dict, validate_all
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
 from satori.evaluate import read_samples, sample_graded
 from satori.rollout import load_model, load_tokenizer
 from satori.train.common import (
-    end_of_step,
+    end_of_step, skip_bad_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint,
 )
@@ -117,6 +117,10 @@ class ORMConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.save_every > 0 and self.eval_every > 0 and self.log_every > 0,
               "save_every, eval_every and log_every must be > 0")
+        check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        check(self.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -381,6 +385,7 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
     for name in ("policy", "out"):
         if not getattr(cfg, name):
             raise SatoriError(f"--{name} is required")
+    validate_all(cfg)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     acc = make_accelerator()
@@ -486,14 +491,12 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
                 wins += int((r_chosen > r_rejected).sum())
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
             if not math.isfinite(loss_total) or not grads_finite(model):
-                bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                metrics_log.log(step + 1, {"skipped_nonfinite": 1, "loss": loss_total})
-                if bad_steps > cfg.max_bad_steps:
-                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf loss or gradients (limit "
-                                      f"--max-bad-steps {cfg.max_bad_steps}); last good checkpoint: "
-                                      f"{latest_checkpoint(out)}")
+                what = "gradients" if math.isfinite(loss_total) else "loss"
+                bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, what, metrics_log, out,
+                                          loss=loss_total)
+                end_of_step(step + 1, total_steps, cfg.save_every, stop, checkpoint, metrics_log, out)
                 continue
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()

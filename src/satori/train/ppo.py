@@ -10,8 +10,9 @@ One loop, top to bottom, each step:
    sampling: the same seed gives the same samples for any batch size or process count).
 3. **Reward** (METHOD.md §3): ``r = r_rule + σ(r_orm) + r_bonus`` on the last response token;
    the answer of the whole trajectory (prefix + continuation) is graded; a truncated or empty
-   continuation is never correct; optional KL to a frozen reference, in the reward or in the
-   loss (k1 / k2 / k3; coefficient 0 creates no reference model); reward clipping.
+   continuation, or one of meta-action tokens only, is never correct (:func:`rule_correct`);
+   optional KL to a frozen reference, in the reward or in the loss (k1 / k2 / k3; coefficient
+   0 creates no reference model); reward clipping. A NaN / inf reward skips the step.
 4. **Advantages.** ``gae`` (the paper's PPO: a critic initialised from the ORM, γ, λ) or, as
    options of the same loop, ``grpo`` / ``rloo`` group baselines over the ``n_samples``
    continuations of a state (no critic); optional whitening over the batch.
@@ -41,13 +42,13 @@ from typing import Any, ClassVar
 import torch
 
 from satori import algos, coat
-from satori.config import check, to_dict
+from satori.config import check, to_dict, validate_all
 from satori.data import DataConfig, Problem, build_prompt, load_problems, read_jsonl
 from satori.errors import SatoriError
-from satori.grading import grade_batch
+from satori.grading import grade_batch, is_blank_response
 from satori.rollout import generate, load_model, load_tokenizer, pack_sequences, token_logprobs
 from satori.train.common import (
-    end_of_step,
+    end_of_step, skip_bad_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
@@ -118,6 +119,10 @@ class RLConfig:
         check(self.temperature > 0, f"temperature must be > 0 for RL sampling, got {self.temperature}")
         check(self.kl_coef >= 0 and self.beta >= 0, "kl_coef and beta must be >= 0")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        for name in ("actor_lr", "critic_lr", "clip", "reward_clip", "max_grad_norm", "gen_batch_size"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "value_clip", "entropy_coef", "max_bad_steps"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -175,6 +180,17 @@ def step_states(states: list[State], step: int, size: int, seed: int) -> list[St
     return out
 
 
+def rule_correct(samples: list[Any], states: list[State]) -> torch.Tensor:
+    """Whether each sampled continuation earns the correctness reward: the answer of the
+    whole trajectory (prefix + continuation) is graded, but a continuation that is truncated,
+    empty or only meta-action / special tokens never counts as correct (else a policy
+    restarted from a correct prefix would be paid for writing nothing)."""
+    full = [st.prefix + s.text for st, s in zip(states, samples)]
+    unearned = [s.truncated or is_blank_response(s.text) for s in samples]
+    graded = grade_batch(full, [st.problem.answer for st in states], truncated=unearned, last_number_fallback=False)
+    return torch.tensor([ok for _, ok in graded], dtype=torch.bool)
+
+
 def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position values aligned with ``token_logprobs`` (value of the state before token t+1)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
@@ -201,6 +217,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     for name in ("policy", "out"):
         if not getattr(cfg, name):
             raise SatoriError(f"--{name} is required")
+    validate_all(cfg)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     acc = make_accelerator()
@@ -289,23 +306,22 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
 
             # ---- 3. reward
             sstate = [chosen[s.index] for s in samples]
-            full = [st.prefix + s.text for st, s in zip(sstate, samples)]
-            empty = [not s.text.strip() for s in samples]
-            graded = grade_batch(full, [st.problem.answer for st in sstate],
-                                 truncated=[s.truncated or e for s, e in zip(samples, empty)],
-                                 last_number_fallback=False)
-            correct = torch.tensor([ok for _, ok in graded], dtype=torch.bool)
+            correct = rule_correct(samples, sstate)
             orm_scores = None
             if orm is not None:
                 from satori.train.orm import score_sequences
 
                 orm_scores = score_sequences(orm, tokenizer, [build_prompt(st.problem, tokenizer) for st in sstate],
-                                             full, batch_size=cfg.gen_batch_size).float()
+                                             [st.prefix + s.text for st, s in zip(sstate, samples)],
+                                             batch_size=cfg.gen_batch_size).float()
             status = torch.tensor([st.status for st in sstate], dtype=torch.long)
             parts = algos.satori_reward(correct, orm_scores, status, beta=cfg.beta, use_orm=orm is not None)
-            if not torch.isfinite(parts["total"]).all():
-                raise SatoriError(f"step {step + 1}: the reward is NaN or inf (ORM scores: "
-                                  f"{None if orm_scores is None else orm_scores.tolist()[:8]}); refusing to train on it")
+            nonfinite = (~torch.isfinite(parts["total"])).sum().float().to(acc.device)
+            if float(acc.reduce(nonfinite, reduction="sum")) > 0:  # every process skips the same steps
+                bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, "reward", log, out,
+                                          orm_scores=str(None if orm_scores is None else orm_scores.tolist()[:8]))
+                end_of_step(step + 1, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
+                continue
 
             # ---- pack sequences, old log-probs, reference log-probs, values
             batch = pack_sequences([s.prompt_ids for s in samples],
@@ -341,12 +357,8 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             # ---- 5. PPO update
             stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step)
             if stats is None:
-                bad_steps += 1
-                log.log(step + 1, {"skipped_nonfinite": 1})
-                if bad_steps > cfg.max_bad_steps:
-                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf losses or gradients "
-                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); last good checkpoint: "
-                                      f"{latest_checkpoint(out)}")
+                bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, "losses or gradients", log, out)
+                end_of_step(step + 1, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
                 continue
 
             # ---- 6. metrics, checkpoints

@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from satori.config import check, to_dict
+from satori.config import check, to_dict, validate_all
 from satori.data import Problem, build_prompt, read_jsonl
 from satori.errors import SatoriError
 from satori.rollout import load_model, load_tokenizer, token_logprobs
 from satori.train.common import (
-    end_of_step,
+    end_of_step, skip_bad_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
@@ -84,6 +84,12 @@ class SFTConfig:
         check(0 <= self.valid_fraction < 1, f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         check(self.max_len > 8, f"max_len must be > 8, got {self.max_len}")
         check(self.save_every > 0 and self.eval_every > 0, "save_every and eval_every must be > 0")
+        check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
+        check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        check(self.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 
 
 @dataclass
@@ -199,6 +205,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise SatoriError(f"--{name} is required")
+    validate_all(cfg)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     acc = make_accelerator()
@@ -270,14 +277,11 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 loss_sum += float(loss.detach())
             loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
             if not math.isfinite(loss_total) or not grads_finite(model):
-                bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                log.log(step + 1, {"skipped_nonfinite": 1, "loss": loss_total})
-                if bad_steps > cfg.max_bad_steps:
-                    last = latest_checkpoint(out)
-                    raise SatoriError(f"training stopped: {bad_steps} steps had NaN/inf loss or gradients "
-                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); last good checkpoint: {last}")
+                what = "gradients" if math.isfinite(loss_total) else "loss"
+                bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, what, log, out, loss=loss_total)
+                end_of_step(step + 1, total_steps, cfg.save_every, stop, checkpoint, log, out)
                 continue
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
