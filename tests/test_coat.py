@@ -412,3 +412,21 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(model2(x).logits, model(x).logits)
     assert add_coat_tokens(tok2, model2) == ids
     assert len(tok2) == len(tok)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_text_init_starts_each_meta_token_at_its_words(tied):
+    from satori.coat import INIT_TEXT
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), tied)
+    sources = {t: tok(INIT_TEXT[t], add_special_tokens=False)["input_ids"] for t in META_TOKENS}
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    ids = add_coat_tokens(tok, model, init="text")
+    for t, i in zip(META_TOKENS, ids):
+        torch.testing.assert_close(model.get_input_embeddings().weight[i], old_in[sources[t]].mean(0))
+        torch.testing.assert_close(model.get_output_embeddings().weight[i], old_out[sources[t]].mean(0))
+    assert not torch.equal(model.get_input_embeddings().weight[ids[0]], model.get_input_embeddings().weight[ids[1]])
+    with pytest.raises(SatoriError, match="init"):
+        add_coat_tokens(make_tokenizer(), make_model(len(tok), tied), init="zeros")

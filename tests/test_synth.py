@@ -557,3 +557,47 @@ def test_bad_configuration_fails_before_any_work(tmp_path, tiny_base, monkeypatc
     with pytest.raises(SatoriError, match="generator.backend"):
         run_synth(_cfg(out, tiny_base, generator=AgentConfig(backend="rule")))
     assert not out.exists()  # nothing was started
+
+
+def test_balance_corrections_caps_the_share_of_corrections_deterministically():
+    from satori.synth.trajectory import balance_corrections
+
+    rows = ([{"id": f"a{i}", "type": "I"} for i in range(3)] + [{"id": f"b{i}", "type": "II-I"} for i in range(2)]
+            + [{"id": f"c{i}", "type": "III-I" if i % 2 else "III-II"} for i in range(20)])
+    half = balance_corrections(rows, 0.5, key="0")
+    fixes = [r for r in half if r["type"].startswith("III")]
+    assert len(fixes) == 5 and len(half) == 10  # 5 others -> at most 5 corrections
+    assert [r for r in half if not r["type"].startswith("III")] == rows[:5]
+    assert half == balance_corrections(rows, 0.5, key="0")
+    assert half != balance_corrections(rows, 0.5, key="1")
+    assert [rows.index(r) for r in half] == sorted(rows.index(r) for r in half)  # order kept
+    assert len([r for r in balance_corrections(rows, 0.75, key="0") if r["type"].startswith("III")]) == 15
+    assert balance_corrections(rows, 1.0) == rows
+
+
+def test_mistakes_as_context_moves_only_the_steps_before_the_first_reflection():
+    from satori.synth.trajectory import mistakes_as_context
+
+    fix = {"id": "a", "type": "III-I", "response": "Step 1: 2 + 2 = 5<|reflect|>Wrong.<|explore|>Step 1: 2 + 2 = 4"}
+    out = mistakes_as_context(fix)
+    assert out["context"] == "Step 1: 2 + 2 = 5"
+    assert out["response"] == "<|reflect|>Wrong.<|explore|>Step 1: 2 + 2 = 4"
+    assert out["context"] + out["response"] == fix["response"] and "context" not in fix
+    verify = {"id": "b", "type": "II-I", "response": "Step 1: 2 + 2 = 4<|reflect|>Check: 4 - 2 = 2."}
+    assert mistakes_as_context(verify) == verify
+
+
+def test_sft_trains_on_response_but_not_on_context(tiny_coat, tmp_path):
+    from satori.rollout import load_tokenizer
+    from satori.train.sft import SFTConfig, tokenize_examples
+
+    tok = load_tokenizer(tiny_coat)
+    cfg = SFTConfig()
+    rec = {"prompt": "Q: 2 + 2?\n", "context": "Step 1: 2 + 2 = 5", "response": "<|reflect|>No: 4."}
+    (ex,) = tokenize_examples([rec], tok, cfg, "mem")
+    plain = tok("Q: 2 + 2?\n", add_special_tokens=False)["input_ids"]
+    ctx = tok("Step 1: 2 + 2 = 5", add_special_tokens=False)["input_ids"]
+    assert ex.prompt_ids == plain + ctx
+    assert ex.response_ids == tok("<|reflect|>No: 4.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with pytest.raises(SatoriError, match="mem:1: field 'context'"):
+        tokenize_examples([{**rec, "context": 3}], tok, cfg, "mem")

@@ -237,7 +237,14 @@ def coat_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
-def add_coat_tokens(tokenizer, model=None) -> list[int]:
+#: Text whose mean token embedding starts each new meta token under ``init="text"``: a new
+#: token then begins as (roughly) the words it stands for, so format tuning teaches a use,
+#: not a vocabulary. Without it a tiny model needs many more demonstrations to start
+#: emitting the tokens (measured on the testbed: see the issue 3 note).
+INIT_TEXT = {CONTINUE: "\n\n", REFLECT: "\n\nWait,", EXPLORE: "\n\nAlternatively,"}
+
+
+def add_coat_tokens(tokenizer, model=None, init: str = "mean") -> list[int]:
     """Add the three meta tokens to a Hugging Face tokenizer as special tokens.
 
     Idempotent: tokens already present are not added again. Existing extra special tokens are
@@ -252,8 +259,14 @@ def add_coat_tokens(tokenizer, model=None) -> list[int]:
     the input embedding, the output weight and the output bias. A second call changes
     nothing. Rows of tokens that were already in the tokenizer and already inside the model's
     matrix are left as they are.
+
+    ``init="text"`` starts the rows of the added meta tokens instead at the mean of the rows
+    of the tokens of :data:`INIT_TEXT` (input embedding, output weight and bias alike).
     """
+    if init not in ("mean", "text"):
+        raise SatoriError(f"COAT token init must be 'mean' or 'text', got {init!r}")
     vocab_before = tokenizer.get_vocab()
+    text_ids = {t: tokenizer(INIT_TEXT[t], add_special_tokens=False)["input_ids"] for t in META_TOKENS}
     tokenizer.add_special_tokens(
         {"extra_special_tokens": list(META_TOKENS)}, replace_extra_special_tokens=False
     )
@@ -261,7 +274,21 @@ def add_coat_tokens(tokenizer, model=None) -> list[int]:
     added = [i for t, i in zip(META_TOKENS, ids) if t not in vocab_before]
     if model is not None:
         _grow_and_init_rows(model, len(tokenizer), added)
+        if init == "text":
+            _init_rows_from(model, {i: text_ids[t] for t, i in zip(META_TOKENS, ids) if i in added})
     return ids
+
+
+def _init_rows_from(model, sources: dict[int, list[int]]) -> None:
+    """Set row ``i`` of the embedding, output weight and bias to the mean of rows ``sources[i]``."""
+    head = model.get_output_embeddings()
+    bias = head.bias if isinstance(head, torch.nn.Linear) else None
+    with torch.no_grad():
+        for i, src in sources.items():
+            rows = torch.tensor(src, dtype=torch.long)
+            for matrix in (model.get_input_embeddings().weight, None if head is None else head.weight, bias):
+                if matrix is not None:
+                    matrix[i] = matrix[rows].float().mean(dim=0).to(matrix.dtype)
 
 
 def _grow_and_init_rows(model, n_tokens: int, added_ids: list[int]) -> None:

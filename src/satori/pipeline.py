@@ -77,6 +77,12 @@ class PipelineConfig:
     branches: list[str] = field(default_factory=lambda: ["satori", "latro"])
     ablations: list[str] = field(default_factory=list)
     trajectories_per_model: int = field(default=6, metadata={"help": "examples in the report's viewer"})
+    format_mask_mistakes: bool = field(default=True, metadata={
+        "help": "format tuning reads the mistaken steps before a correction's first <|reflect|> but is not "
+                "trained to write them (satori.synth.trajectory.mistakes_as_context)"})
+    format_fix_share: float = field(default=0.5, metadata={
+        "help": "at most this share of the format-tuning demonstrations are corrections (types III-*); "
+                "1 keeps every demonstration (satori.synth.trajectory.balance_corrections)"})
 
     def validate(self) -> None:
         check(len(self.seeds) > 0, "seeds must list at least one seed")
@@ -86,6 +92,7 @@ class PipelineConfig:
         bad = sorted(set(self.branches) - {"satori", "latro"})
         check(not bad, f"unknown branch(es) {bad}; known: ['satori', 'latro']")
         check(not self.ablations or "satori" in self.branches, "ablations need the satori branch")
+        check(0 < self.format_fix_share <= 1, f"format_fix_share must be in (0, 1], got {self.format_fix_share}")
 
 
 @dataclass
@@ -204,7 +211,9 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
             # stage 1: demonstrations, format tuning
             synth_cfg = _synth_config(cfg, base, seed, run_dir)
             runner.run(f"synth{s}", to_dict(_with(synth_cfg, out="")), base_dep, lambda f: run_synth(synth_cfg))
-            demos = _demos_file(run_dir / f"synth{s}")
+            demos = (run_dir / f"synth{s}" /
+                     f"demos-fix{cfg.format_fix_share:g}{'-masked' if cfg.format_mask_mistakes else ''}.jsonl")
+            _write_demos(_demos_file(run_dir / f"synth{s}"), cfg, seed, demos)
             sft_dir = run_dir / f"sft_coat{s}"
             sft_cfg = _with(cfg.format_sft, model=base, data=str(demos), out=str(sft_dir), seed=seed, resume=True)
             runner.run(f"sft_coat{s}", to_dict(_with(sft_cfg, out="")), [f"synth{s}"], lambda f: run_sft(sft_cfg))
@@ -294,6 +303,16 @@ def _demos_file(folder: Path) -> Path:
         if (folder / name).exists():
             return folder / name
     raise SatoriError(f"{folder}: the synthesis stage wrote no trajectories")
+
+
+def _write_demos(trajectories: Path, cfg: PipelineConfig, seed: int, out: Path) -> None:
+    """The format-tuning demonstrations: the synthesised trajectories, corrections capped,
+    mistakes (optionally) read but not imitated."""
+    from satori.synth.trajectory import balance_corrections, mistakes_as_context
+
+    rows = [json.loads(line) for line in trajectories.read_text().splitlines() if line.strip()]
+    rows = balance_corrections(rows, cfg.format_fix_share, key=str(seed))
+    write_jsonl(out, [mistakes_as_context(r) for r in rows] if cfg.format_mask_mistakes else rows)
 
 
 def _write_cot_demos(demos: Path, out: Path) -> None:

@@ -188,3 +188,40 @@ def extend(traj: Trajectory, text: str) -> Trajectory | None:
     start = len(traj.steps)
     steps = traj.steps + [(GENERATOR, "continue", s) for s in pieces]
     return replace(traj, steps=steps, line=traj.line + list(range(start, len(steps))))
+
+
+def balance_corrections(rows: list[dict], max_fix_share: float, key: str = "") -> list[dict]:
+    """The demonstrations with at most ``max_fix_share`` of them corrections (types III-*).
+
+    A weak generator is wrong far more often than right, so most of its demonstrations
+    correct a mistake; a model format-tuned on them learns that a reflection *finds* a
+    mistake, and then "corrects" right answers (measured on the testbed: see the issue 3
+    note). Dropping the surplus corrections (a deterministic choice by record id and
+    ``key``) keeps the verdict after ``<|reflect|>`` something the model must judge.
+    Order is kept; ``max_fix_share >= 1`` keeps everything.
+    """
+    import hashlib
+
+    fixes = [r for r in rows if str(r.get("type", "")).startswith("III")]
+    others = len(rows) - len(fixes)
+    if max_fix_share >= 1 or not fixes:
+        return list(rows)
+    keep_n = min(len(fixes), int(max_fix_share * others / (1 - max_fix_share)))
+    rank = sorted(fixes, key=lambda r: hashlib.sha256(f"{key}/{r.get('id')}/{r.get('type')}".encode()).hexdigest())
+    kept = {id(r) for r in rank[:keep_n]}
+    return [r for r in rows if not str(r.get("type", "")).startswith("III") or id(r) in kept]
+
+
+def mistakes_as_context(row: dict) -> dict:
+    """A correction (type III-*) with everything before its first ``<|reflect|>`` moved from
+    ``response`` to ``context``: ``satori sft`` then shows the model the mistaken steps but
+    trains it only to reflect on them and correct them, not to make them. Other rows are
+    returned unchanged. (The paper trains on whole trajectories; a small model imitates the
+    mistakes too, measured on the testbed: see the issue 3 note.)"""
+    from satori.coat import REFLECT
+
+    text = row.get("response", "")
+    if not str(row.get("type", "")).startswith("III") or REFLECT not in text:
+        return row
+    cut = text.index(REFLECT)
+    return {**row, "context": text[:cut], "response": text[cut:]}

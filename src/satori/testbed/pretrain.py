@@ -2,7 +2,12 @@
 
 Trains the tokenizer and a tiny Llama on ``plain_prompt(question) + solution + eos`` where the
 solution is the reference solution with arithmetic errors injected at ``error_rate`` per step
-(fresh errors every epoch), with the loss on the response tokens only. The short budget leaves
+(fresh errors every epoch), with the loss on the response tokens only. A share
+``check_fraction`` of the examples are *checking exercises* instead: a solution (wrong half
+the time) followed by ``Check:`` and the rule critic's one-line verdict on it. A real base
+model has read plenty of people checking their work; these give the testbed base model the
+critic's language (so format tuning can teach *when* to reflect rather than a new
+vocabulary), while its own solutions never contain a check. The short budget leaves
 the model an imperfect reasoner, the stand-in for a pretrained base model such as
 Qwen2.5-Math-7B. The result (model, tokenizer, ``build_info.json``) is written to a temporary
 directory and renamed into place.
@@ -29,7 +34,7 @@ from satori import __version__
 from satori.data import Problem, plain_prompt
 from satori.errors import SatoriError
 from satori.testbed import tasks
-from satori.testbed.checker import check_steps
+from satori.testbed.checker import check_steps, split_steps
 from satori.testbed.model import build_model, build_tokenizer, count_parameters
 from satori.testbed.tasks import make_problems, reference_solution
 
@@ -44,6 +49,7 @@ class PretrainConfig:
     n_train: int = 0  # problems; 0 means steps * batch_size (each problem seen once)
     n_valid: int = 256
     error_rate: float = 0.1
+    check_fraction: float = 0.2  # share of examples that are checking exercises
     model_size: str = "small"
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
@@ -71,7 +77,7 @@ class PretrainConfig:
         for name in ("n_train", "warmup_steps", "weight_decay", "num_threads"):
             if getattr(self, name) < 0:
                 raise SatoriError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("error_rate", "min_lr_ratio"):
+        for name in ("error_rate", "min_lr_ratio", "check_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SatoriError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -82,6 +88,24 @@ class PretrainConfig:
 def training_text(problem: Problem, solution: str) -> tuple[str, str]:
     """``(prompt, response)`` of one training example."""
     return plain_prompt(problem.question), solution
+
+
+CHECK_CUE = "\n\nCheck:\n"
+
+
+def checking_text(problem: Problem, rng: random.Random) -> tuple[str, str]:
+    """``(prompt, response)`` of a checking exercise: a solution of ``problem`` (with one or
+    more wrong steps half the time) then the rule critic's check: the first wrong step, why,
+    and the step redone; or, for a right solution, the verification of one of its steps."""
+    from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
+
+    solution = reference_solution(problem, 0.35 if rng.random() < 0.5 else 0.0, rng)
+    texts = [text for _, text in split_steps(solution)]
+    key = f"pretrain/{problem.id}/{rng.random()}"
+    feedback = agents.rule_correction(problem, texts, key) or agents.rule_verification(
+        problem, texts, key, last_ok=True)
+    response = feedback.reflect + (f" {feedback.explore}" if feedback.explore else "")
+    return plain_prompt(problem.question) + solution + CHECK_CUE, response
 
 
 def encode_examples(
@@ -269,14 +293,17 @@ def pretrain(
     def epoch_examples(epoch: int) -> list[tuple[list[int], int]]:
         erng = random.Random(f"{cfg.seed}/epoch/{epoch}")
         pairs = [
-            training_text(p, reference_solution(p, cfg.error_rate, erng)) for p in train
+            checking_text(p, erng) if erng.random() < cfg.check_fraction
+            else training_text(p, reference_solution(p, cfg.error_rate, erng))
+            for p in train
         ]
         return encode_examples(tokenizer, pairs)
 
     t0 = time.perf_counter()
     corpus_rng = random.Random(f"{cfg.seed}/tokenizer")
     corpus = [
-        plain_prompt(p.question) + p.solution
+        "".join(checking_text(p, corpus_rng)) if corpus_rng.random() < cfg.check_fraction
+        else plain_prompt(p.question) + p.solution
         for p in corpus_rng.sample(train, min(len(train), cfg.tokenizer_corpus))
     ]
     tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)

@@ -296,6 +296,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             prompts = [build_prompt(s.problem, tokenizer) + s.prefix for s in chosen]
 
             # ---- 2. rollout
+            t_step = time.perf_counter()
             unwrapped_policy = acc.unwrap_model(policy)
             unwrapped_policy.config.use_cache = True
             samples = generate(unwrapped_policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
@@ -303,6 +304,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                                seed=cfg.seed * 100_003 + step, prompt_offset=rank * per_proc)
             unwrapped_policy.config.use_cache = False
             unwrapped_policy.train()
+            t_generated = time.perf_counter()
 
             # ---- 3. reward
             sstate = [chosen[s.index] for s in samples]
@@ -355,6 +357,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                 rollout["adv"] = algos.masked_whiten(rollout["adv"], rollout["response_mask"])
 
             # ---- 5. PPO update
+            t_scored = time.perf_counter()
             stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step)
             if stats is None:
                 bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, "losses or gradients", log, out)
@@ -378,7 +381,10 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             if ref_logp is not None:
                 metrics.update(_global_means(acc, {"kl": ((old_logp - ref_logp).mul(mask).sum(), float(mask.sum()))}))
             metrics.update(stats)
-            metrics.update(lr=sched.get_last_lr()[0], elapsed=time.time() - t0)
+            now = time.perf_counter()
+            metrics.update(lr=sched.get_last_lr()[0], elapsed=time.time() - t0, time_generate=t_generated - t_step,
+                           time_score=t_scored - t_generated, time_update=now - t_scored,
+                           response_tokens=float(sum(len(s.response_ids) for s in samples)))
             log.log(step + 1, metrics)
             result = metrics
             done = step + 1

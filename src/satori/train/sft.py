@@ -55,6 +55,9 @@ class SFTConfig:
     prompt_field: str = "prompt"
     question_field: str = "question"
     response_field: str = "response"
+    context_field: str = field(default="context", metadata={
+        "help": "optional field: text between prompt and response that the model reads but is not "
+                "trained to write (e.g. the mistaken steps before a correction)"})
     epochs: float = 2.0
     max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0: use epochs)"})
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per process"})
@@ -68,6 +71,9 @@ class SFTConfig:
     packing: bool = False
     bf16: bool = False
     add_coat_tokens: bool = True
+    coat_init: str = field(default="text", metadata={
+        "help": "how the rows of newly added COAT tokens start: 'text' (the mean embedding of a paragraph "
+                "break, 'Wait,' and 'Alternatively,': satori.coat.INIT_TEXT) or 'mean' (of all rows)"})
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -84,6 +90,7 @@ class SFTConfig:
         check(0 <= self.valid_fraction < 1, f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         check(self.max_len > 8, f"max_len must be > 8, got {self.max_len}")
         check(self.save_every > 0 and self.eval_every > 0, "save_every and eval_every must be > 0")
+        check(self.coat_init in ("text", "mean"), f"coat_init must be 'text' or 'mean', got {self.coat_init!r}")
         check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -113,7 +120,12 @@ def tokenize_examples(records: list[dict[str, Any]], tokenizer: Any, cfg: SFTCon
             prompt = build_prompt(Problem(id=str(i), question=rec[cfg.question_field], answer=""), tokenizer)
         else:
             raise SatoriError(f"{where}: needs a '{cfg.prompt_field}' or a '{cfg.question_field}' field")
+        context = rec.get(cfg.context_field, "")
+        if not isinstance(context, str):
+            raise SatoriError(f"{where}: field '{cfg.context_field}' must be text, got {type(context).__name__}")
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if context:
+            p_ids = p_ids + tokenizer(context, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(resp, add_special_tokens=False)["input_ids"] + [eos]
         if len(p_ids) + len(r_ids) > cfg.max_len:
             raise SatoriError(f"{where}: example has {len(p_ids) + len(r_ids)} tokens, more than max_len="
@@ -218,7 +230,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.add_coat_tokens:
         from satori.coat import add_coat_tokens
 
-        add_coat_tokens(tokenizer, model)
+        add_coat_tokens(tokenizer, model, init=cfg.coat_init)
     examples = tokenize_examples(records, tokenizer, cfg, cfg.data)
     if cfg.valid_data:
         valid = tokenize_examples(read_jsonl(cfg.valid_data), tokenizer, cfg, cfg.valid_data)
