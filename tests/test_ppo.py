@@ -117,3 +117,22 @@ def test_nan_reward_is_refused(tmp_path, tiny_coat):
     with pytest.raises(SatoriError, match=r"NaN/inf values \(the last one in reward; limit --max-bad-steps 1"):
         run_rl(rl_cfg(tmp_path, tiny_coat, "nan", orm=str(orm), max_bad_steps=1))
     assert [r["nonfinite"] for r in metrics(tmp_path / "nan")] == ["reward", "reward"]
+
+
+@pytest.mark.parametrize("adv", ["gae", "grpo"])
+def test_single_update_reuses_the_update_logprobs_with_the_same_result(tmp_path, tiny_coat, monkeypatch, adv):
+    """One epoch over one mini-batch: skipping the separate old-log-prob pass changes nothing."""
+    import satori.train.ppo as ppo
+
+    kw = dict(advantage=adv, n_samples=2, rollout_batch=4, train_batch=8, micro_batch=4, steps=2)
+    assert ppo.single_update(rl_cfg(tmp_path, tiny_coat, "x", **kw), has_ref=False)
+    run_rl(rl_cfg(tmp_path, tiny_coat, "fast", **kw))
+    monkeypatch.setattr(ppo, "single_update", lambda cfg, has_ref: False)
+    run_rl(rl_cfg(tmp_path, tiny_coat, "slow", **kw))
+    fast, slow = metrics(tmp_path / "fast"), metrics(tmp_path / "slow")
+    for a, b in zip(fast, slow):
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-5)
+        assert a["clipfrac"] == b["clipfrac"] == 0.0
+    wa, wb = load_file(str(tmp_path / "fast" / "model.safetensors")), load_file(str(tmp_path / "slow" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

@@ -19,7 +19,9 @@ One loop, top to bottom, each step:
 5. **Update.** ``ppo_epochs`` passes over shuffled mini-batches of ``train_batch``
    sequences (gradient accumulation over ``micro_batch``): clipped policy loss, clipped
    value loss. Log-probabilities at update time use the same temperature and masks as the
-   rollout's ``old_logp``.
+   rollout's ``old_logp``. With one epoch over one mini-batch (``train_batch`` = the whole
+   rollout) and no KL reward, ``old_logp`` is not computed in a separate pass: it equals the
+   update's own log-probabilities (detached), ratio 1, as in GRPO's single-step case.
 6. **Bookkeeping.** Metrics every step (reward and each part, KL, entropy, clip fraction,
    value loss, response length, reflect / explore rates) to JSONL and TensorBoard; atomic
    checkpoints every ``save_every`` steps and on SIGTERM; ``resume`` continues exactly.
@@ -288,6 +290,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             save_checkpoint(out, step, unwrapped, optims, {"bad_steps": bad_steps, "config": to_dict(cfg)})
         acc.wait_for_everyone()
 
+    on_policy = single_update(cfg, ref is not None)
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
             # ---- 1. initial states of this step; this process's share
@@ -332,8 +335,10 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             mask = batch["response_mask"]
             with torch.no_grad(), autocast(cfg.bf16):
-                old_logp = token_logprobs(policy, batch["input_ids"], batch["attention_mask"],
-                                          temperature=cfg.temperature)["logp"].float()
+                # one epoch over one mini-batch: the update's own log-probabilities *are* the old
+                # ones (ratio 1), so the separate pass is skipped unless a KL reward needs them
+                old_logp = None if on_policy else token_logprobs(
+                    policy, batch["input_ids"], batch["attention_mask"], temperature=cfg.temperature)["logp"].float()
                 ref_logp = (token_logprobs(ref, batch["input_ids"], batch["attention_mask"],
                                            temperature=cfg.temperature)["logp"].float() if ref is not None else None)
                 old_values = values_of(critic, batch) if critic is not None else None
@@ -378,7 +383,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             for st_val, name in ((-1, "accuracy_from_wrong"), (1, "accuracy_from_correct"), (0, "accuracy_from_start")):
                 sel = status == st_val
                 metrics.update(_global_means(acc, {name: (correct[sel].float().sum(), int(sel.sum()))}))
-            if ref_logp is not None:
+            if ref_logp is not None and old_logp is not None:
                 metrics.update(_global_means(acc, {"kl": ((old_logp - ref_logp).mul(mask).sum(), float(mask.sum()))}))
             metrics.update(stats)
             now = time.perf_counter()
@@ -399,6 +404,13 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                                              "seconds": round(time.time() - t0, 2), "bad_steps": bad_steps})
     acc.wait_for_everyone()
     return result
+
+
+def single_update(cfg: RLConfig, has_ref: bool) -> bool:
+    """True when each rollout is used for exactly one optimizer step and no KL reward needs
+    the rollout's log-probabilities: they then equal the update's own (no separate pass)."""
+    return (cfg.ppo_epochs == 1 and cfg.train_batch == cfg.rollout_batch * cfg.n_samples
+            and (not has_ref or cfg.kl_in == "loss"))
 
 
 def _gather_rollout(acc: Any, tensors: dict[str, torch.Tensor | None], pad_id: int) -> dict[str, Any]:
@@ -450,8 +462,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
                     out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True)
                     logp = out["logp"].float()
-                    pg, st = algos.policy_loss(logp, rollout["old_logp"][idx], rollout["adv"][idx], m,
-                                               clip_eps=cfg.clip)
+                    old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx]
+                    pg, st = algos.policy_loss(logp, old, rollout["adv"][idx], m, clip_eps=cfg.clip)
                     loss = pg
                     if rollout["ref_logp"] is not None and cfg.kl_in == "loss":
                         kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx], cfg.kl_kind), m)
