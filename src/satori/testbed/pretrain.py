@@ -44,7 +44,7 @@ class PretrainConfig:
     """Every hyperparameter of :func:`pretrain` (plain types, so a CLI can expose them)."""
 
     seed: int = 0
-    steps: int = 1000
+    steps: int = 1300
     batch_size: int = 16
     n_train: int = 0  # problems; 0 means steps * batch_size (each problem seen once)
     n_valid: int = 256
