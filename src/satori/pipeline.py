@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Callable
 
 from satori import __version__
 from satori.config import check, to_dict
-from satori.data import DataConfig, load_problems
+from satori.data import DataConfig, load_problems, read_jsonl
 from satori.errors import SatoriError
 from satori.evaluate import EvalConfig, evaluate
 from satori.rae import RAEConfig, run_rae
@@ -142,7 +141,7 @@ def _pick_trajectories(records_path: Path, model: str, n: int) -> list[dict[str,
     """A few greedy test responses for the viewer: reflected ones first, both verdicts."""
     if not records_path.exists() or n <= 0:
         return []
-    rows = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(records_path)
     rows.sort(key=lambda r: (not r["greedy"]["reflects"], r["greedy"]["correct"], r["id"]))
     picked = rows[: n // 2] + [r for r in rows[n // 2:] if r["greedy"]["correct"]][: n - n // 2]
     return [{"model": model, "id": r["id"], "question": r["question"], "answer": r["answer"],
@@ -310,7 +309,7 @@ def _write_demos(trajectories: Path, cfg: PipelineConfig, seed: int, out: Path) 
     mistakes (optionally) read but not imitated."""
     from satori.synth.trajectory import balance_corrections, mistakes_as_context
 
-    rows = [json.loads(line) for line in trajectories.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(trajectories)
     rows = balance_corrections(rows, cfg.format_fix_share, key=str(seed))
     write_jsonl(out, [mistakes_as_context(r) for r in rows] if cfg.format_mask_mistakes else rows)
 
@@ -320,7 +319,7 @@ def _write_cot_demos(demos: Path, out: Path) -> None:
     meta tokens removed, for the CoT ablation."""
     from satori.coat import parse_steps, to_cot
 
-    rows = [json.loads(line) for line in demos.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(demos)
     cot = [{"question": r["question"], "response": to_cot(parse_steps(r["response"]))} for r in rows
            if r.get("type") == "I"]
     if not cot:

@@ -29,6 +29,7 @@ corrections.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 
@@ -200,16 +201,19 @@ def balance_corrections(rows: list[dict], max_fix_share: float, key: str = "") -
     ``key``) keeps the verdict after ``<|reflect|>`` something the model must judge.
     Order is kept; ``max_fix_share >= 1`` keeps everything.
     """
-    import hashlib
-
-    fixes = [r for r in rows if str(r.get("type", "")).startswith("III")]
+    fixes = [r for r in rows if _is_correction(r)]
     others = len(rows) - len(fixes)
     if max_fix_share >= 1 or not fixes:
         return list(rows)
     keep_n = min(len(fixes), int(max_fix_share * others / (1 - max_fix_share)))
     rank = sorted(fixes, key=lambda r: hashlib.sha256(f"{key}/{r.get('id')}/{r.get('type')}".encode()).hexdigest())
     kept = {id(r) for r in rank[:keep_n]}
-    return [r for r in rows if not str(r.get("type", "")).startswith("III") or id(r) in kept]
+    return [r for r in rows if not _is_correction(r) or id(r) in kept]
+
+
+def _is_correction(row: dict) -> bool:
+    """A type III-* demonstration: its first reflection finds a mistake and corrects it."""
+    return str(row.get("type", "")).startswith("III")
 
 
 def mistakes_as_context(row: dict) -> dict:
@@ -221,7 +225,7 @@ def mistakes_as_context(row: dict) -> dict:
     from satori.coat import REFLECT
 
     text = row.get("response", "")
-    if not str(row.get("type", "")).startswith("III") or REFLECT not in text:
+    if not _is_correction(row) or REFLECT not in text:
         return row
     cut = text.index(REFLECT)
     return {**row, "context": text[:cut], "response": text[cut:]}
