@@ -36,3 +36,93 @@ def test_cache_invalidation_and_resume(tmp_path):
     r4.keys["a"] = r3.keys["a"]
     r4.run("b", {"y": 1}, ["a"], lambda f: seen.append((f / "out.txt").read_text()))
     assert seen == ["b3"] and any("resuming" in line for line in lines)
+
+
+def _grow(folder):
+    """Hold 300 MB in this process and report its pid."""
+    import os
+
+    global _ballast
+    _ballast = bytearray(300 * 2**20)
+    return {"pid": os.getpid()}
+
+
+def _rss_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_isolated_stage_runs_in_a_child_and_its_memory_goes_with_it(tmp_path):
+    import os
+
+    before = _rss_mib()
+    r = Runner(tmp_path, echo=lambda s: None, isolate=True)
+    res = r.run("big", {}, [], _grow)
+    assert res["pid"] != os.getpid()
+    assert _rss_mib() - before < 100  # the 300 MB lived and died in the child
+    assert "_ballast" not in globals()
+    # the result is cached like any other stage's
+    assert Runner(tmp_path, echo=lambda s: None, isolate=True).run("big", {}, [], _grow) == res
+
+
+def test_isolated_stage_errors_keep_their_type_and_message(tmp_path):
+    import pytest
+
+    from satori.errors import SatoriError, Stopped
+
+    def user_error(folder):
+        raise SatoriError("data.jsonl line 3: missing field 'question'")
+
+    def stopped(folder):
+        raise Stopped("stopped by SIGTERM at step 4; resume with --resume", signum=15)
+
+    def bug(folder):
+        return 1 / 0
+
+    r = Runner(tmp_path, echo=lambda s: None, isolate=True)
+    with pytest.raises(SatoriError, match="line 3: missing field 'question'"):
+        r.run("a", {}, [], user_error)
+    with pytest.raises(Stopped, match="step 4") as info:
+        r.run("b", {}, [], stopped)
+    assert info.value.signum == 15
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        r.run("c", {}, [], bug)
+    # none of them was recorded as done
+    assert not any(rec.name in "abc" for rec in r.records)
+
+
+def test_sigterm_to_the_pipeline_reaches_the_stage_once(tmp_path):
+    """The stage sees one SIGTERM (checkpoint-and-stop), however it was sent to the parent."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from satori.errors import Stopped
+    from satori.train.common import StopSignal
+
+    def loop(folder):
+        with StopSignal() as stop:
+            (folder / "started").write_text("1")
+            for step in range(600):
+                time.sleep(0.05)
+                if stop.requested:
+                    raise Stopped(f"stopped by SIGTERM at step {step}", signum=stop.signum)
+        return {"finished": True}
+
+    def kill_when_started():
+        for _ in range(400):
+            if (tmp_path / "s" / "started").exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_when_started, daemon=True).start()
+    with pytest.raises(Stopped, match="stopped by SIGTERM") as info:
+        Runner(tmp_path, echo=lambda s: None, isolate=True).run("s", {}, [], loop)
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the parent's own handler is back

@@ -22,6 +22,7 @@ result exists for the same configuration and inputs (see :mod:`satori.stages`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import datetime as dt
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class PipelineConfig:
     format_mask_mistakes: bool = field(default=True, metadata={
         "help": "format tuning reads the mistaken steps before a correction's first <|reflect|> but is not "
                 "trained to write them (satori.synth.trajectory.mistakes_as_context)"})
+    stage_processes: bool = field(default=True, metadata={
+        "help": "run each stage in its own child process, so its memory is freed when it ends (peak = the "
+                "largest stage, not the sum); ignored under a multi-process launch (WORLD_SIZE > 1)"})
     format_fix_share: float = field(default=0.5, metadata={
         "help": "at most this share of the format-tuning demonstrations are corrections (types III-*); "
                 "1 keeps every demonstration (satori.synth.trajectory.balance_corrections)"})
@@ -162,7 +166,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
     """Run every stage (cached), evaluate every model, write the report; returns the results."""
     run_dir = Path(cfg.out or f"runs/{cfg.name}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(run_dir, echo=echo)
+    runner = Runner(run_dir, echo=echo,
+                    isolate=cfg.stage_processes and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     t0 = time.time()
     base = resolve_base(cfg)
     _plan(runner, cfg, need_pretrain=base is None)

@@ -312,11 +312,38 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+_LIBC: Any = None
+TRIM_EVERY = 10  # steps; trimming every step costs about 15% of a format-tuning step
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc ``malloc_trim``).
+
+    On CPU, PyTorch frees tensors with ``free``; glibc keeps the pages of the many
+    activation-sized blocks of a training step in its heap, and with sequence lengths that
+    change from step to step the heap fragments and the process grows for the whole run
+    (format tuning on the testbed: 3.6 GiB peak RSS without trimming). A no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def end_of_step(done: int, total: int, save_every: int, stop: StopSignal, checkpoint: Any, log: MetricsLog,
                 out: str | Path) -> None:
-    """What every loop does after step ``done`` (also after a skipped one): a checkpoint
-    every ``save_every`` steps (the final model is saved separately), and on SIGTERM /
-    SIGINT a checkpoint and a clean stop (:class:`satori.errors.Stopped`)."""
+    """What every loop does after step ``done`` (also after a skipped one): freed memory back
+    to the system (:func:`release_memory`), a checkpoint every ``save_every`` steps (the final
+    model is saved separately), and on SIGTERM / SIGINT a checkpoint and a clean stop
+    (:class:`satori.errors.Stopped`)."""
+    if done % TRIM_EVERY == 0:
+        release_memory()
     saved = False
     if done % save_every == 0 and done < total:
         checkpoint(done)
