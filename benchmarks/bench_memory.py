@@ -8,8 +8,11 @@ each sample to the stage that was running, read from the pipeline's progress lin
 ``PYTHONUNBUFFERED=1`` so lines arrive when printed). Samples outside a stage (start-up,
 report writing) are reported as ``(outside stages)``.
 
-RSS of several processes is summed, so pages shared between a parent and a forked child are
-counted twice: the total is an upper bound; the main process alone is reported too. A stage
+RSS of several processes is summed, so pages shared between a parent and a forked child
+(``satori run`` runs each stage in a forked child: ``stage_processes``) are counted twice: the
+total is an upper bound. PSS (proportional set size: a shared page counts 1/n in each of its
+n processes) summed over the processes is the memory the tree really holds; the main process
+alone is reported too. A stage
 shorter than the sampling interval may get no sample ("–").
 
 Each stage's ``threads`` is set to ``--threads`` in a copy of the config written next to
@@ -64,23 +67,28 @@ def config_with_threads(src: Path, dst: Path, threads: int) -> None:
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def tree_rss(proc: Any) -> tuple[int, int, int]:
-    """(RSS of the process and all its descendants, RSS of the process alone, process count)."""
+def tree_rss(proc: Any) -> tuple[int, int, int, int]:
+    """(RSS of the process and all its descendants, RSS of the process alone, process count,
+    PSS of the process and its descendants)."""
     import psutil
 
+    def rss_pss(p: Any) -> tuple[int, int]:
+        info = p.memory_full_info()
+        return info.rss, getattr(info, "pss", info.rss)
+
     try:
-        main = proc.memory_info().rss
+        main, pss = rss_pss(proc)
         children = proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     total, count = main, 1
     for c in children:
         try:
-            total += c.memory_info().rss
-            count += 1
+            r, q = rss_pss(c)
+            total, pss, count = total + r, pss + q, count + 1
         except psutil.NoSuchProcess:
             pass
-    return total, main, count
+    return total, main, count, pss
 
 
 def run_once(config: Path, out_dir: Path, interval: float, log_path: Path) -> dict[str, Any]:
@@ -119,31 +127,33 @@ def run_once(config: Path, out_dir: Path, interval: float, log_path: Path) -> di
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    samples: list[tuple[float, str, int, int, int]] = []
+    samples: list[tuple[float, str, int, int, int, int]] = []
     t0 = time.perf_counter()
     while child.poll() is None:
-        total, main, count = tree_rss(proc)
+        total, main, count, pss = tree_rss(proc)
         with lock:
             stage = state["stage"]
         if total:
-            samples.append((time.perf_counter() - t0, stage, total, main, count))
+            samples.append((time.perf_counter() - t0, stage, total, main, count, pss))
         time.sleep(interval)
     thread.join(timeout=10)
     if child.returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
         raise SystemExit(f"pipeline failed (exit {child.returncode}); last lines of {log_path}:\n" + "\n".join(tail))
     peaks: dict[str, dict[str, Any]] = {}
-    for _, stage, total, main, count in samples:
-        p = peaks.setdefault(stage, {"rss": 0, "main_rss": 0, "max_processes": 0, "samples": 0})
+    for _, stage, total, main, count, pss in samples:
+        p = peaks.setdefault(stage, {"rss": 0, "pss": 0, "main_rss": 0, "max_processes": 0, "samples": 0})
         p["rss"] = max(p["rss"], total)
+        p["pss"] = max(p["pss"], pss)
         p["main_rss"] = max(p["main_rss"], main)
         p["max_processes"] = max(p["max_processes"], count)
         p["samples"] += 1
     return {"stages": order, "peaks": peaks, "stage_seconds": stage_seconds,
             "overall_rss": max((s[2] for s in samples), default=0),
             "overall_main_rss": max((s[3] for s in samples), default=0),
+            "overall_pss": max((s[5] for s in samples), default=0),
             "wall_s": time.perf_counter() - t0, "n_samples": len(samples),
-            "timeline": [(round(t, 2), st, tot, m) for t, st, tot, m, _ in samples]}
+            "timeline": [(round(t, 2), st, tot, m, q) for t, st, tot, m, _, q in samples]}
 
 
 def main() -> None:
@@ -166,7 +176,8 @@ def main() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
         print(f"repeat {r + 1}/{args.repeats}: satori run {args.config} --out {out_dir}", flush=True)
         res = run_once(config, out_dir, args.interval, workdir / f"run-{r}.log")
-        print(f"repeat {r + 1}/{args.repeats}: peak {res['overall_rss'] / GIB:.2f} GiB "
+        print(f"repeat {r + 1}/{args.repeats}: peak {res['overall_rss'] / GIB:.2f} GiB RSS, "
+              f"{res['overall_pss'] / GIB:.2f} GiB PSS "
               f"(main process {res['overall_main_rss'] / GIB:.2f} GiB) in {res['wall_s']:.0f}s", flush=True)
         if args.no_timeline:
             res.pop("timeline")
@@ -182,23 +193,28 @@ def main() -> None:
     for s in stages:
         got = [res["peaks"][s] for res in runs if s in res["peaks"]]
         entry = {"rss_gib": stats([g["rss"] / GIB for g in got]),
+                 "pss_gib": stats([g.get("pss", 0) / GIB for g in got]),
                  "main_rss_gib": stats([g["main_rss"] / GIB for g in got]),
                  "max_processes": max((g["max_processes"] for g in got), default=0),
                  "seconds": stats([res["stage_seconds"][s] for res in runs if s in res["stage_seconds"]])}
         summary[s] = entry
-        rows.append([s, fmt(entry["rss_gib"], 2), fmt(entry["main_rss_gib"], 2), entry["max_processes"],
+        rows.append([s, fmt(entry["rss_gib"], 2), fmt(entry["pss_gib"], 2), fmt(entry["main_rss_gib"], 2),
+                     entry["max_processes"],
                      fmt(entry["seconds"], 0)])
     overall = {"rss_gib": stats([res["overall_rss"] / GIB for res in runs]),
+               "pss_gib": stats([res["overall_pss"] / GIB for res in runs]),
                "main_rss_gib": stats([res["overall_main_rss"] / GIB for res in runs]),
                "wall_s": stats([res["wall_s"] for res in runs])}
-    rows.append(["**overall**", fmt(overall["rss_gib"], 2), fmt(overall["main_rss_gib"], 2), "",
+    rows.append(["**overall**", fmt(overall["rss_gib"], 2), fmt(overall["pss_gib"], 2),
+                 fmt(overall["main_rss_gib"], 2), "",
                  fmt(overall["wall_s"], 0)])
     print("\n## Peak memory (RSS) per pipeline stage\n")
     print(machine_lines(info))
     print(f"- pipeline: `satori run {args.config}` (threads {args.threads or 'as configured'}), sampled every "
           f"{args.interval}s; RSS of the pipeline process plus its children\n")
     print("Median (min–max) over repeats, GiB.\n")
-    print(markdown_table(["stage", "peak RSS (all processes)", "peak RSS (main process)", "max processes",
+    print(markdown_table(["stage", "peak RSS (all processes)", "peak PSS (all processes)", "peak RSS (main process)",
+                          "max processes",
                           "stage seconds"], rows))
     write_results(args.out, {"benchmark": "memory", "machine": info, "args": vars(args),
                              "config_used": config.read_text(), "summary": summary, "overall": overall,

@@ -437,6 +437,16 @@ def test_latro_rewards_hand_numbers_and_truncation():
     assert close(r2, [[-5.0, -4.0], [-2.0, -3.0]])
 
 
+def test_latro_answer_floor_ties_the_rationales_below_it():
+    ans = torch.tensor([-0.1, -9.0, -15.0, -4.0])
+    rat, ref = torch.tensor([-5.0, -5.0, -5.0, -6.0]), torch.tensor([-5.0, -5.0, -5.0, -5.0])
+    # floor -6: -9 and -15 both count as -6; the KL part still applies after the floor
+    r = algos.latro_rewards(ans, rat, ref, beta=0.5, answer_floor=-6.0)
+    assert close(r, [-0.1, -6.0, -6.0, -4.0 + 0.5])
+    # the default is the paper's reward (no floor)
+    assert close(algos.latro_rewards(ans, rat, ref, beta=0.5), [-0.1, -9.0, -15.0, -3.5])
+
+
 def test_latro_loss_gradient_on_tiny_linear_policy():
     """A softmax policy over V tokens with logits W h (h a fixed feature per position).
 

@@ -27,7 +27,9 @@ def test_rl_two_processes_match_one(tmp_path, tiny_coat):
             "--threads", "1", "--seed", "5"]
     one = _launch(1, args, tmp_path / "one")[0]
     two = _launch(2, args, tmp_path / "two")[0]
-    assert two["first_policy_loss"] == pytest.approx(one["first_policy_loss"], rel=1e-5, abs=1e-7)
+    # micro-batches are cut to their own longest row, so one and two processes run kernels of
+    # different shapes: float32 rounding (~1e-7 of per-token terms of order 1) is the only slack
+    assert two["first_policy_loss"] == pytest.approx(one["first_policy_loss"], rel=1e-5, abs=1e-6)
     for key in ("policy_loss", "value_loss", "entropy", "grad_norm", "reward", "response_length"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 

@@ -417,12 +417,17 @@ def latro_rewards(
     beta: float,
     truncated: Tensor | None = None,
     truncation_penalty: float = 0.0,
+    answer_floor: float = float("-inf"),
 ) -> Tensor:
     """LaTRO's self-reward of each of K rationales of one question (Chen et al., 2024):
 
-    ``r_k = log pi(y | x + z_k) - beta * (log pi(z_k | x) - log pi0(z_k | x))``
+    ``r_k = max(log pi(y | x + z_k), answer_floor) - beta * (log pi(z_k | x) - log pi0(z_k | x))``
 
-    (sums of token log-probs, not length-normalised). Rationales that hit the length limit
+    (sums of token log-probs, not length-normalised; the paper has no floor: ``-inf``). A
+    finite ``answer_floor`` makes every rationale that leaves the gold answer less likely
+    than ``exp(answer_floor)`` equally bad, so the ranking among rationales that argue for
+    a wrong answer (which digits of the gold answer the wrong one happens to share) stops
+    adding noise to the advantages. Rationales that hit the length limit
     without stopping (``truncated``) get ``min_j r_j - truncation_penalty``, where the minimum
     runs over the raw rewards of the whole group, truncated ones included: a truncated
     rationale therefore ranks below every complete one of its group (for a positive penalty),
@@ -440,7 +445,7 @@ def latro_rewards(
         raise SatoriError(f"truncation_penalty must be >= 0, got {truncation_penalty}")
     with torch.no_grad():
         log_ratio = rationale_logp.detach() - ref_rationale_logp.detach()
-        rewards = answer_logp.detach() - beta * log_ratio
+        rewards = answer_logp.detach().clamp(min=answer_floor) - beta * log_ratio
         if truncated is not None:
             truncated = truncated.detach().bool()
             _check_same_shape(answer_logp=answer_logp, truncated=truncated)

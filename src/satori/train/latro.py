@@ -114,6 +114,9 @@ class LatroConfig:
         "help": "text of y with an {answer} field (default: 'The answer is \\boxed{{{answer}}}.', "
                 "or 'The answer is {answer}.' for multiple choice)"})
     truncation_penalty: float = field(default=1.0, metadata={"help": "truncated: group's min reward minus this"})
+    answer_floor: float = field(default=float("-inf"), metadata={
+        "help": "answer log-likelihoods below this count as this (-inf: none, as in the paper; see "
+                "satori.algos.latro_rewards)"})
     max_grad_norm: float = 1.0
     gen_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
     eval_every: int = field(default=25, metadata={"help": "held-out greedy accuracy every N steps (0: never)"})
@@ -275,7 +278,7 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor], temperature: floa
 
 def group_loss(model: Any, ref_model: Any, rollouts: Sequence[Rollout], k: int, pad_id: int, *, beta: float,
                sft_weight: float, truncation_penalty: float, temperature: float = 1.0,
-               bf16: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               bf16: bool = False, answer_floor: float = float("-inf")) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LaTRO loss of whole questions: ``rollouts`` holds groups of ``k`` consecutive
     rationales of the same question. One policy pass (with grad) and one π0 pass (no grad).
 
@@ -291,7 +294,7 @@ def group_loss(model: Any, ref_model: Any, rollouts: Sequence[Rollout], k: int, 
         ref_z_logp, _ = sequence_logps(ref_model, batch, temperature, bf16)
     truncated = torch.tensor([r.truncated for r in rollouts], device=device)
     rewards = latro_rewards(y_logp.view(-1, k), z_logp.view(-1, k), ref_z_logp.view(-1, k), beta,
-                            truncated.view(-1, k), truncation_penalty)
+                            truncated.view(-1, k), truncation_penalty, answer_floor)
     advantages = rloo_advantages(rewards.reshape(-1), k).view(-1, k)
     loss = latro_loss(z_logp.view(-1, k), y_logp.view(-1, k), advantages, sft_weight)
     stats = {"reward": rewards.reshape(-1), "advantage": advantages.reshape(-1),
@@ -431,7 +434,8 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
                 with sync:
                     loss, st = group_loss(model, ref_model, group, cfg.k, pad_id, beta=cfg.beta,
                                           sft_weight=cfg.sft_weight, truncation_penalty=cfg.truncation_penalty,
-                                          temperature=cfg.temperature, bf16=cfg.bf16)
+                                          temperature=cfg.temperature, bf16=cfg.bf16,
+                                          answer_floor=cfg.answer_floor)
                     loss = loss * (n_questions / cfg.batch_size)
                     acc.backward(loss * world)  # DDP averages over processes
                 loss_sum += float(loss.detach())

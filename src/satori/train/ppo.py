@@ -193,6 +193,22 @@ def rule_correct(samples: list[Any], states: list[State]) -> torch.Tensor:
     return torch.tensor([ok for _, ok in graded], dtype=torch.bool)
 
 
+def by_length(fn: Any, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
+    """``fn(input_ids, attention_mask)`` -> ``[b, width - 1]`` per-token values over the
+    right-padded ``batch`` in micro-batches of similar length, each cut to its own longest
+    row; returns ``[B, L - 1]`` float32, zero past each row's end (as one full-width pass
+    would give under the response mask)."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    lengths = attn.sum(1)
+    order = lengths.argsort(stable=True)
+    out = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=ids.device)
+    for start in range(0, ids.shape[0], micro):
+        idx = order[start: start + micro]
+        width = int(lengths[idx].max())
+        out[idx, : width - 1] = fn(ids[idx, :width], attn[idx, :width]).float()
+    return out
+
+
 def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position values aligned with ``token_logprobs`` (value of the state before token t+1)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
@@ -337,11 +353,12 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             with torch.no_grad(), autocast(cfg.bf16):
                 # one epoch over one mini-batch: the update's own log-probabilities *are* the old
                 # ones (ratio 1), so the separate pass is skipped unless a KL reward needs them
-                old_logp = None if on_policy else token_logprobs(
-                    policy, batch["input_ids"], batch["attention_mask"], temperature=cfg.temperature)["logp"].float()
-                ref_logp = (token_logprobs(ref, batch["input_ids"], batch["attention_mask"],
-                                           temperature=cfg.temperature)["logp"].float() if ref is not None else None)
-                old_values = values_of(critic, batch) if critic is not None else None
+                def logps(model: Any) -> Any:
+                    return lambda ids, attn: token_logprobs(model, ids, attn, temperature=cfg.temperature)["logp"]
+                old_logp = None if on_policy else by_length(logps(policy), batch, cfg.micro_batch)
+                ref_logp = by_length(logps(ref), batch, cfg.micro_batch) if ref is not None else None
+                old_values = (by_length(lambda ids, attn: values_of(critic, {"input_ids": ids, "attention_mask": attn}),
+                                        batch, cfg.micro_batch) if critic is not None else None)
             kl_reward = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
             token_r = algos.token_rewards(parts["total"].to(acc.device), mask, old_logp, ref_logp,
                                           kl_coef=kl_reward if ref is not None else 0.0, kl_kind=cfg.kl_kind,
@@ -454,19 +471,25 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
             mb_tokens = mask[mb_all].sum().clamp(min=1)
             mb = mb_all[rank * mb_local: (rank + 1) * mb_local]
             mb_stats: dict[str, float] = {}
+            # batching by length: micro-batches of similar lengths, each cut to its own longest
+            # row (rows are right-padded), so no micro-batch pays for the rollout's longest one
+            mb = mb[rollout["attention_mask"][mb].sum(1).argsort(stable=True)]
             for m_start in range(0, mb_local, micro):
                 idx = mb[m_start: m_start + micro]
-                ids, attn, m = rollout["input_ids"][idx], rollout["attention_mask"][idx], mask[idx]
+                width = int(rollout["attention_mask"][idx].sum(1).max())
+                ids, attn = rollout["input_ids"][idx, :width], rollout["attention_mask"][idx, :width]
+                m = mask[idx, :width - 1]
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = m_start + micro >= mb_local
                 with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
                     out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True)
                     logp = out["logp"].float()
-                    old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx]
-                    pg, st = algos.policy_loss(logp, old, rollout["adv"][idx], m, clip_eps=cfg.clip)
+                    old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx, :width - 1]
+                    pg, st = algos.policy_loss(logp, old, rollout["adv"][idx, :width - 1], m, clip_eps=cfg.clip)
                     loss = pg
                     if rollout["ref_logp"] is not None and cfg.kl_in == "loss":
-                        kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx], cfg.kl_kind), m)
+                        kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx, :width - 1],
+                                                                cfg.kl_kind), m)
                         loss = loss + cfg.kl_coef * kl
                         _add(mb_stats, "kl_loss", float(kl.detach()) * share)
                     ent = algos.masked_mean(out["entropy"].float(), m)
@@ -480,7 +503,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
-                        vl, vst = algos.value_loss(values, rollout["old_values"][idx], rollout["returns"][idx], m,
+                        vl, vst = algos.value_loss(values, rollout["old_values"][idx, :width - 1],
+                                                   rollout["returns"][idx, :width - 1], m,
                                                    clip_eps=cfg.value_clip if cfg.value_clip > 0 else None)
                         acc.backward(vl * share * world)
                     _add(mb_stats, "value_loss", float(vl.detach()) * share)
