@@ -25,7 +25,6 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from satori.config import from_dict, load_config
 from satori.data import DataConfig, Problem, load_problems, problems_from_records
 from satori.errors import SatoriError
 from satori.train import common
+from endpoint import LocalEndpoint
 
 # --------------------------------------------------------------------------- strategies
 
@@ -593,8 +593,8 @@ def test_full_disk_in_a_training_run_is_a_clear_error_and_resume_works(tmp_path,
 # --------------------------------------------------------------------------- 2. faults: endpoint garbage
 
 
-class _FlakyEndpoint:
-    """A chat-completions endpoint on 127.0.0.1 whose answer depends on a word in the request:
+class _FlakyEndpoint(LocalEndpoint):
+    """A chat-completions endpoint whose answer depends on a word in the request:
     ``garbage-once`` (an HTML error page with status 200, then a good answer), ``garbage``
     (always invalid JSON), ``shape`` (JSON whose content is not text), ``slow-once`` (first
     answer after 3 s), ``error-once`` (HTTP 500 first); anything else answers at once."""
@@ -602,48 +602,21 @@ class _FlakyEndpoint:
     def __init__(self):
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
-        server = self
+        super().__init__(self.handle)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, status, data: bytes):
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                word = body["messages"][0]["content"]
-                with server.lock:
-                    n = server.hits[word] = server.hits.get(word, 0) + 1
-                good = json.dumps({"choices": [{"message": {"content": f"ok {word}"}, "finish_reason": "stop"}]})
-                if word == "garbage" or (word == "garbage-once" and n == 1):
-                    return self._send(200, b"<html>502 Bad Gateway</html>")
-                if word == "shape":
-                    return self._send(200, b'{"choices": [{"message": {"content": {"oops": 1}}}]}')
-                if word == "error-once" and n == 1:
-                    return self._send(500, b'{"error": "boom"}')
-                if word == "slow-once" and n == 1:
-                    time.sleep(3)
-                self._send(200, good.encode())
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def handle(self, method, path, body):
+        word = body["messages"][0]["content"]
+        with self.lock:
+            n = self.hits[word] = self.hits.get(word, 0) + 1
+        if word == "garbage" or (word == "garbage-once" and n == 1):
+            return 200, b"<html>502 Bad Gateway</html>"
+        if word == "shape":
+            return 200, b'{"choices": [{"message": {"content": {"oops": 1}}}]}'
+        if word == "error-once" and n == 1:
+            return 500, {"error": "boom"}
+        if word == "slow-once" and n == 1:
+            time.sleep(3)
+        return 200, {"choices": [{"message": {"content": f"ok {word}"}, "finish_reason": "stop"}]}
 
 
 def test_endpoint_garbage_errors_and_slow_answers_are_retried_then_reported():

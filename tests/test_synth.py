@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from satori.synth.pipeline import Agents, _select, prepare_agents, run_llm_criti
 from satori.train.orm import load_orm, score_sequences
 from satori.testbed.checker import check_steps
 from satori.testbed.tasks import make_problems
+from endpoint import LocalEndpoint
 
 SHIPPED = shipped_base_model()
 HAVE_SHIPPED = (SHIPPED / "config.json").is_file()
@@ -414,50 +414,29 @@ class _ModelServer:
         self.lock = threading.Lock()
         self.log: list[str] = []
         self.bodies: list[dict] = []
-        server = self
+        self.endpoint = LocalEndpoint(self.handle)
+        self.base_url = self.endpoint.base_url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, status, obj):
-                data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": "testbed", "object": "model"}]})
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": "not found"})
-                with server.lock:
-                    n = len(server.log)
-                    server.bodies.append(body)
-                    marked = server.fail_marker and server.fail_marker in json.dumps(body["messages"])
-                    kind = "fail" if n < server.fail_first or marked else "slow" if n < server.slow_first else "ok"
-                    server.log.append(kind)
-                if kind == "fail":
-                    if server.garbage and marked:
-                        return self._send(200, b"<html><body>502 Bad Gateway</body></html>")
-                    return self._send(500, {"error": "boom"})
-                if kind == "slow":
-                    time.sleep(server.sleep)
-                self._send(200, server.complete(body))
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    def handle(self, method, path, body):
+        if method == "GET":
+            if path == "/v1/models":
+                return 200, {"object": "list", "data": [{"id": "testbed", "object": "model"}]}
+            return 404, {"error": "not found"}
+        if path != "/v1/chat/completions":
+            return 404, {"error": "not found"}
+        with self.lock:
+            n = len(self.log)
+            self.bodies.append(body)
+            marked = self.fail_marker and self.fail_marker in json.dumps(body["messages"])
+            kind = "fail" if n < self.fail_first or marked else "slow" if n < self.slow_first else "ok"
+            self.log.append(kind)
+        if kind == "fail":
+            if self.garbage and marked:
+                return 200, b"<html><body>502 Bad Gateway</body></html>"
+            return 500, {"error": "boom"}
+        if kind == "slow":
+            time.sleep(self.sleep)
+        return 200, self.complete(body)
 
     def complete(self, body: dict) -> dict:
         msgs = body["messages"]
@@ -472,12 +451,11 @@ class _ModelServer:
                              "finish_reason": "length" if s.truncated else "stop"}]}
 
     def __enter__(self):
-        self.thread.start()
+        self.endpoint.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.endpoint.__exit__(*exc)
 
 
 def _openai_cfg(out, server, n=3, **agent):
