@@ -136,3 +136,23 @@ def test_single_update_reuses_the_update_logprobs_with_the_same_result(tmp_path,
     wa, wb = load_file(str(tmp_path / "fast" / "model.safetensors")), load_file(str(tmp_path / "slow" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_by_length_equals_one_full_width_pass_on_every_real_token(tiny_coat):
+    """Micro-batches sorted by length and cut to their own longest row give the same
+    per-token log-probabilities as one pass over the whole padded batch."""
+    from satori.rollout import load_model, pack_sequences, token_logprobs
+    from satori.train.ppo import by_length
+
+    model = load_model(tiny_coat).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (3, 9, 4, 6, 2)]
+    responses = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (12, 1, 30, 7, 18)]
+    batch = pack_sequences(prompts, responses, pad_id=0, eos_id=1)
+    with torch.no_grad():
+        full = token_logprobs(model, batch["input_ids"], batch["attention_mask"])["logp"]
+        cut = by_length(lambda ids, attn: token_logprobs(model, ids, attn)["logp"], batch, micro=2)
+    real = batch["attention_mask"][:, 1:].bool()  # positions that score a real token
+    assert cut.shape == full.shape
+    assert torch.allclose(cut[real], full[real], atol=1e-5)
+    assert (batch["response_mask"].bool() <= real).all()  # every trained token is covered

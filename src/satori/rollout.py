@@ -364,6 +364,7 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
 def token_logprobs(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, temperature: float = 1.0,
     return_entropy: bool = False, return_hidden: bool = False, position_ids: torch.Tensor | None = None,
+    entropy_grad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-token log-probabilities of ``input_ids[:, 1:]`` under ``softmax(logits / T)``.
 
@@ -384,9 +385,10 @@ def token_logprobs(
     target = input_ids[:, 1:]
     logp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logz
     result = {"logp": logp}
-    if return_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        result["entropy"] = logz - (probs * logits).sum(-1)
+    if return_entropy:  # for logging only (entropy_grad=False): no graph over [B, L, vocab]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            lg, lz = (logits, logz) if entropy_grad else (logits.detach(), logz.detach())
+            result["entropy"] = lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)
     if return_hidden:
         result["hidden"] = out.hidden_states[-1]
     return result

@@ -196,8 +196,9 @@ def rule_correct(samples: list[Any], states: list[State]) -> torch.Tensor:
 def by_length(fn: Any, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
     """``fn(input_ids, attention_mask)`` -> ``[b, width - 1]`` per-token values over the
     right-padded ``batch`` in micro-batches of similar length, each cut to its own longest
-    row; returns ``[B, L - 1]`` float32, zero past each row's end (as one full-width pass
-    would give under the response mask)."""
+    row; returns ``[B, L - 1]`` float32, equal to one full-width pass at every position that
+    scores a real token (padding positions are arbitrary, as they are there; the response
+    mask excludes them)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     lengths = attn.sum(1)
     order = lengths.argsort(stable=True)
@@ -482,7 +483,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = m_start + micro >= mb_local
                 with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
-                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True)
+                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
+                                          entropy_grad=cfg.entropy_coef > 0)
                     logp = out["logp"].float()
                     old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx, :width - 1]
                     pg, st = algos.policy_loss(logp, old, rollout["adv"][idx, :width - 1], m, clip_eps=cfg.clip)
