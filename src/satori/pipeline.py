@@ -22,8 +22,8 @@ result exists for the same configuration and inputs (see :mod:`satori.stages`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import datetime as dt
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

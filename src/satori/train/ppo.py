@@ -200,14 +200,19 @@ def by_length(fn: Any, batch: dict[str, torch.Tensor], micro: int) -> torch.Tens
     scores a real token (padding positions are arbitrary, as they are there; the response
     mask excludes them)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    lengths = attn.sum(1)
-    order = lengths.argsort(stable=True)
     out = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=ids.device)
-    for start in range(0, ids.shape[0], micro):
-        idx = order[start: start + micro]
-        width = int(lengths[idx].max())
+    for idx, width in length_chunks(attn, torch.arange(ids.shape[0], device=ids.device), micro):
         out[idx, : width - 1] = fn(ids[idx, :width], attn[idx, :width]).float()
     return out
+
+
+def length_chunks(attn: torch.Tensor, rows: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, int]]:
+    """``rows`` of a right-padded batch sorted by length and cut into micro-batches of
+    ``micro``: ``(row indices, width)`` pairs, ``width`` the longest row of the chunk (its
+    columns past that are padding in every row)."""
+    lengths = attn[rows].sum(1)
+    order = rows[lengths.argsort(stable=True)]
+    return [(order[i: i + micro], int(attn[order[i: i + micro]].sum(1).max())) for i in range(0, len(order), micro)]
 
 
 def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -474,14 +479,12 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
             mb_stats: dict[str, float] = {}
             # batching by length: micro-batches of similar lengths, each cut to its own longest
             # row (rows are right-padded), so no micro-batch pays for the rollout's longest one
-            mb = mb[rollout["attention_mask"][mb].sum(1).argsort(stable=True)]
-            for m_start in range(0, mb_local, micro):
-                idx = mb[m_start: m_start + micro]
-                width = int(rollout["attention_mask"][idx].sum(1).max())
+            chunks = length_chunks(rollout["attention_mask"], mb, micro)
+            for n_chunk, (idx, width) in enumerate(chunks):
                 ids, attn = rollout["input_ids"][idx, :width], rollout["attention_mask"][idx, :width]
                 m = mask[idx, :width - 1]
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
-                last = m_start + micro >= mb_local
+                last = n_chunk == len(chunks) - 1
                 with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
                     out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
                                           entropy_grad=cfg.entropy_coef > 0)
