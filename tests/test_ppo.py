@@ -60,6 +60,23 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_coat):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_critic_warmup_freezes_the_policy_and_trains_the_critic(tmp_path, tiny_coat):
+    run_rl(rl_cfg(tmp_path, tiny_coat, "warm", steps=3, critic_warmup=2))
+    rows = metrics(tmp_path / "warm")
+    assert ["policy_loss" in r for r in rows] == [False, False, True]
+    assert all(r["value_loss"] > 0 for r in rows)
+    start = load_file(str(tiny_coat / "model.safetensors"))
+    ckpt = tmp_path / "warm" / "checkpoints" / "step-2"
+    frozen = load_file(str(ckpt / "policy" / "model.safetensors"))
+    assert all(torch.equal(start[k], frozen[k]) for k in start)
+    trained = load_file(str(tmp_path / "warm" / "model.safetensors"))
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    # the critic moved during the warm-up (its value head starts from scratch: compare the backbone)
+    critic = load_file(str(ckpt / "critic" / "model.safetensors"))
+    shared = [k for k in critic if k.startswith("model.") and k in start]
+    assert shared and any(not torch.equal(start[k], critic[k]) for k in shared)
+
+
 def test_impossible_configs_are_refused():
     with pytest.raises(SatoriError, match=r"train_batch \(64\) is larger than the rollout batch"):
         from_dict(RLConfig, {"rollout_batch": 8, "train_batch": 64})
@@ -68,6 +85,10 @@ def test_impossible_configs_are_refused():
                              "micro_batch": 8})
     with pytest.raises(SatoriError, match="kl_kind"):
         from_dict(RLConfig, {"kl_kind": "k4"})
+    with pytest.raises(SatoriError, match="critic_warmup needs advantage=gae"):
+        from_dict(RLConfig, {"advantage": "grpo", "n_samples": 2, "critic_warmup": 1})
+    with pytest.raises(SatoriError, match=r"critic_warmup \(5\) must be < steps \(5\)"):
+        from_dict(RLConfig, {"steps": 5, "critic_warmup": 5})
 
 
 def test_restart_state_longer_than_context_is_refused(tmp_path, tiny_coat):

@@ -71,6 +71,8 @@ class RLConfig:
     restart_buffer: str = field(default="", metadata={"help": "initial states JSONL from `satori rae` ('' = no RAE)"})
     orm: str = field(default="", metadata={"help": "outcome reward model folder ('' = rule reward only)"})
     critic_init: str = field(default="orm", metadata={"help": "orm or policy"})
+    critic_warmup: int = field(default=0, metadata={
+        "help": "first steps that train only the critic, the policy frozen (gae only)"})
     advantage: str = field(default="gae", metadata={"help": "gae (PPO with critic), grpo or rloo"})
     n_samples: int = field(default=1, metadata={"help": "continuations per initial state"})
     steps: int = 20
@@ -123,7 +125,10 @@ class RLConfig:
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         for name in ("actor_lr", "critic_lr", "clip", "reward_clip", "max_grad_norm", "gen_batch_size"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "value_clip", "entropy_coef", "max_bad_steps"):
+        check(self.critic_warmup < self.steps, f"critic_warmup ({self.critic_warmup}) must be < steps ({self.steps})")
+        check(self.critic_warmup == 0 or self.advantage == "gae",
+              f"critic_warmup needs advantage=gae (a critic to warm up), got advantage={self.advantage}")
+        for name in ("warmup_steps", "critic_warmup", "value_clip", "entropy_coef", "max_bad_steps"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
 
@@ -279,7 +284,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=0.0)
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch * cfg.n_samples // cfg.train_batch)
     sched = make_scheduler(opt, "constant" if not cfg.warmup_steps else "cosine",
-                           cfg.steps * updates_per_step, cfg.warmup_steps * updates_per_step)
+                           (cfg.steps - cfg.critic_warmup) * updates_per_step, cfg.warmup_steps * updates_per_step)
     models: dict[str, Any] = {"policy": policy}
     optims: dict[str, Any] = {"policy_opt": opt, "policy_sched": sched}
     critic_opt = None
@@ -386,7 +391,9 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
 
             # ---- 5. PPO update
             t_scored = time.perf_counter()
-            stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step)
+            # critic warm-up: the first steps fit the critic to the frozen policy's returns
+            stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step,
+                                train_policy=step >= cfg.critic_warmup)
             if stats is None:
                 bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, "losses or gradients", log, out)
                 end_of_step(step + 1, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
@@ -452,7 +459,7 @@ def _gather_rollout(acc: Any, tensors: dict[str, torch.Tensor | None], pad_id: i
 
 
 def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, critic_opt: Any, sched: Any,
-                rollout: dict[str, Any], step: int) -> dict[str, float] | None:
+                rollout: dict[str, Any], step: int, train_policy: bool = True) -> dict[str, float] | None:
     """``ppo_epochs`` passes of clipped-surrogate updates over shuffled mini-batches.
 
     ``rollout`` holds the whole global rollout on every process. A mini-batch is
@@ -485,26 +492,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 m = mask[idx, :width - 1]
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = n_chunk == len(chunks) - 1
-                with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
-                    out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
-                                          entropy_grad=cfg.entropy_coef > 0)
-                    logp = out["logp"].float()
-                    old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx, :width - 1]
-                    pg, st = algos.policy_loss(logp, old, rollout["adv"][idx, :width - 1], m, clip_eps=cfg.clip)
-                    loss = pg
-                    if rollout["ref_logp"] is not None and cfg.kl_in == "loss":
-                        kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx, :width - 1],
-                                                                cfg.kl_kind), m)
-                        loss = loss + cfg.kl_coef * kl
-                        _add(mb_stats, "kl_loss", float(kl.detach()) * share)
-                    ent = algos.masked_mean(out["entropy"].float(), m)
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * ent
-                    acc.backward(loss * share * world)  # DDP averages gradients over processes
-                _add(mb_stats, "policy_loss", float(pg.detach()) * share)
-                _add(mb_stats, "clipfrac", float(st["clipfrac"]) * share)
-                _add(mb_stats, "approx_kl", float(st["approx_kl"]) * share)
-                _add(mb_stats, "entropy", float(ent.detach()) * share)
+                if train_policy:
+                    _policy_micro_step(cfg, acc, policy, rollout, idx, width, m, share, last, mb_stats)
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
@@ -514,8 +503,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                         acc.backward(vl * share * world)
                     _add(mb_stats, "value_loss", float(vl.detach()) * share)
                     _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * share)
-            finite = all(math.isfinite(v) for v in mb_stats.values()) and grads_finite(policy) and (
-                critic is None or grads_finite(critic))
+            finite = all(math.isfinite(v) for v in mb_stats.values()) and (
+                not train_policy or grads_finite(policy)) and (critic is None or grads_finite(critic))
             if not finite:
                 opt.zero_grad(set_to_none=True)
                 if critic_opt is not None:
@@ -524,20 +513,49 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
             # per-process partial sums of token-weighted statistics -> mini-batch values
             mb_stats = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="sum"))
                         for k, v in mb_stats.items()}
-            mb_stats["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            if train_policy:
+                mb_stats["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
             if critic is not None:
                 acc.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
                 critic_opt.step()
                 critic_opt.zero_grad(set_to_none=True)
-            if count == 0:
+            if count == 0 and train_policy:
                 mb_stats["first_policy_loss"] = mb_stats["policy_loss"]
             for k, v in mb_stats.items():
                 _add(totals, k, v)
             count += 1
     return {k: (v if k == "first_policy_loss" else v / max(1, count)) for k, v in totals.items()}
+
+
+def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, Any], idx: torch.Tensor,
+                       width: int, m: torch.Tensor, share: float, last: bool, stats: dict[str, float]) -> None:
+    """Forward and backward of the policy loss on one micro-batch (rows ``idx`` cut to ``width``,
+    response mask ``m``) holding ``share`` of the mini-batch's tokens; token-weighted
+    statistics go into ``stats``. Gradients are synchronised only on the ``last`` micro-batch.
+    """
+    ids, attn = rollout["input_ids"][idx, :width], rollout["attention_mask"][idx, :width]
+    with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
+        out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
+                             entropy_grad=cfg.entropy_coef > 0)
+        logp = out["logp"].float()
+        old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx, :width - 1]
+        pg, st = algos.policy_loss(logp, old, rollout["adv"][idx, :width - 1], m, clip_eps=cfg.clip)
+        loss = pg
+        if rollout["ref_logp"] is not None and cfg.kl_in == "loss":
+            kl = algos.masked_mean(algos.kl_penalty(logp, rollout["ref_logp"][idx, :width - 1], cfg.kl_kind), m)
+            loss = loss + cfg.kl_coef * kl
+            _add(stats, "kl_loss", float(kl.detach()) * share)
+        ent = algos.masked_mean(out["entropy"].float(), m)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * ent
+        acc.backward(loss * share * acc.num_processes)  # DDP averages gradients over processes
+    _add(stats, "policy_loss", float(pg.detach()) * share)
+    _add(stats, "clipfrac", float(st["clipfrac"]) * share)
+    _add(stats, "approx_kl", float(st["approx_kl"]) * share)
+    _add(stats, "entropy", float(ent.detach()) * share)
 
 
 def _global_means(acc: Any, parts: dict[str, tuple[torch.Tensor, float]]) -> dict[str, float]:
