@@ -40,6 +40,28 @@ def test_metrics_by_hand():
     assert m["by_level"]["2"]["pass@1"] == 0.5 and m["by_level"]["3"]["maj@3"] == 0.0
 
 
+def test_behaviour_of_the_samples_by_hand():
+    def sample(correct, pre, explores=False):
+        return {"extracted": "1", "correct": correct, "reflects": pre is not None, "explores": explores,
+                "pre_reflect_correct": pre}
+
+    records = [
+        {"level": 2, "greedy": rec(2, True)["greedy"],
+         "samples": [sample(True, False), sample(True, None), sample(False, True, explores=True)]},
+        {"level": 2, "greedy": rec(2, False)["greedy"],
+         "samples": [sample(True, False), sample(False, None), sample(False, False)]},
+    ]
+    m = compute_metrics(records)
+    assert m["reflection"]["n_reflected"] == 0  # greedy answers did not reflect
+    sampled = m["sampled"]
+    assert sampled["n"] == 6 and sampled["reflect_rate"] == pytest.approx(4 / 6)
+    assert sampled["explore_rate"] == pytest.approx(1 / 6)
+    assert sampled["reflection"]["counts"] == {"F->T": 2, "T->F": 1, "T->T": 0, "F->F": 1}
+    assert sampled["reflection"]["f_to_t_share"] == pytest.approx(2 / 3)
+    # samples without behaviour fields (older records) give no sampled block
+    assert "sampled" not in compute_metrics([rec(2, True, samples=[("1", True)])])
+
+
 def test_pass_at_k_and_majority():
     assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 4) == 1.0
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - (3 / 5) * (2 / 4))
@@ -58,3 +80,4 @@ def test_evaluate_a_real_tiny_model(tiny_coat):
     assert metrics["n"] == 6 and metrics["pass@1"] == 0.0 and "maj@2" in metrics and "by_level" in metrics
     assert all(len(r["samples"]) == 2 for r in records)
     assert metrics["truncation_rate"] > 0
+    assert metrics["sampled"]["n"] == 12 and all("pre_reflect_correct" in s for r in records for s in r["samples"])

@@ -23,13 +23,14 @@ CHROMIUM = "/usr/bin/chromium"
 def metrics(pass1: float, reflect: float = 0.3, ft: int = 2, tf: int = 1, levels: dict | None = None,
             maj: float | None = None) -> dict:
     """A metrics dict shaped like satori.evaluate.compute_metrics output."""
+    reflection = {"n_reflected": ft + tf + 3, "counts": {"F->T": ft, "T->F": tf, "T->T": 2, "F->F": 1},
+                  "f_to_t_share": ft / (ft + tf) if ft + tf else 0.0,
+                  "t_to_f_share": tf / (ft + tf) if ft + tf else 0.0,
+                  "f_to_t_rate": 0.0, "t_to_f_rate": 0.0}
     m = {
         "n": 50, "pass@1": pass1, "format_compliance": 0.9, "reflect_rate": reflect, "explore_rate": reflect / 2,
-        "truncation_rate": 0.0, "mean_tokens": 80.0,
-        "reflection": {"n_reflected": ft + tf + 3, "counts": {"F->T": ft, "T->F": tf, "T->T": 2, "F->F": 1},
-                       "f_to_t_share": ft / (ft + tf) if ft + tf else 0.0,
-                       "t_to_f_share": tf / (ft + tf) if ft + tf else 0.0,
-                       "f_to_t_rate": 0.0, "t_to_f_rate": 0.0},
+        "truncation_rate": 0.0, "mean_tokens": 80.0, "reflection": reflection,
+        "sampled": {"n": 400, "reflect_rate": reflect, "explore_rate": reflect / 2, "reflection": dict(reflection)},
     }
     if maj is not None:
         m.update({"k": 8, "pass@8": maj + 0.1, "maj@8": maj, "sample_accuracy": pass1})
@@ -121,6 +122,19 @@ def test_reflection_share_without_changed_answers_is_not_measured(results):
     results["models"]["sft_coat"] = model("format tuned", [0.3], ft=0, tf=0)
     claim = by_name(compute_claims(results))["F→T rises after RL"]
     assert claim["held"] is None
+
+
+def test_f_to_t_claim_reads_the_sampled_answers(results):
+    # greedy answers never reflect (as on the testbed after RL); the samples do: 1/4 F→T before, 3/4 after
+    for name, (ft, tf) in (("rl_round1", (3, 1)), ("sft_coat", (1, 3))):
+        for seed in results["models"][name]["seeds"].values():
+            seed["test"]["reflection"] = {"n_reflected": 0, "counts": {"F->T": 0, "T->F": 0, "T->T": 0, "F->F": 0},
+                                          "f_to_t_share": 0.0, "t_to_f_share": 0.0}
+            seed["test"]["sampled"]["reflection"].update(counts={"F->T": ft, "T->F": tf}, f_to_t_share=ft / 4)
+    claim = by_name(compute_claims(results))["F→T rises after RL"]
+    assert claim["held"] is True and claim["numbers"]["metric"] == "sampled.reflection.f_to_t_share"
+    assert claim["numbers"]["mean_a"] == pytest.approx(0.75) and claim["numbers"]["mean_b"] == pytest.approx(0.25)
+    assert "sampled answers" in claim["detail"]
 
 
 def test_mean_std_over_three_seeds():

@@ -101,7 +101,9 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Each record has ``level``, ``greedy`` (a dict with ``correct``, ``valid_format``,
     ``reflects``, ``explores``, ``pre_reflect_correct`` (None when it did not reflect),
     ``n_tokens``, ``truncated``) and ``samples`` (a list of dicts with ``extracted`` and
-    ``correct``; may be empty).
+    ``correct``; may be empty). When the samples also carry ``reflects``, ``explores`` and
+    ``pre_reflect_correct``, ``sampled`` holds the behaviour metrics over all ``k`` samples
+    of every problem (a small model may reflect at temperature > 0 and never greedily).
     """
     n = len(records)
     if n == 0:
@@ -116,19 +118,7 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "truncation_rate": _rate(sum(g["truncated"] for g in greedy), n),
         "mean_tokens": sum(g["n_tokens"] for g in greedy) / n,
     }
-    outcomes = Counter(reflection_outcome(g["pre_reflect_correct"], g["correct"]) for g in greedy)
-    n_reflected = sum(v for key, v in outcomes.items() if key is not None)
-    changed = outcomes["F->T"] + outcomes["T->F"]
-    out["reflection"] = {
-        "n_reflected": n_reflected,
-        "counts": {key: outcomes[key] for key in ("F->T", "T->F", "T->T", "F->F")},
-        # among reflected answers that changed correctness (the paper's F→T vs T→F split)
-        "f_to_t_share": _rate(outcomes["F->T"], changed),
-        "t_to_f_share": _rate(outcomes["T->F"], changed),
-        # over all reflected responses
-        "f_to_t_rate": _rate(outcomes["F->T"], n_reflected),
-        "t_to_f_rate": _rate(outcomes["T->F"], n_reflected),
-    }
+    out["reflection"] = reflection_stats(greedy)
     ks = {len(r["samples"]) for r in records}
     if ks != {0}:
         if len(ks) != 1:
@@ -138,6 +128,14 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
         out[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), n)
         out["sample_accuracy"] = sum(sum(s["correct"] for s in r["samples"]) / k for r in records) / n
+        samples = [s for r in records for s in r["samples"]]
+        if all("pre_reflect_correct" in s for s in samples):
+            out["sampled"] = {
+                "n": len(samples),
+                "reflect_rate": _rate(sum(s["reflects"] for s in samples), len(samples)),
+                "explore_rate": _rate(sum(s["explores"] for s in samples), len(samples)),
+                "reflection": reflection_stats(samples),
+            }
     by_level: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_level[r.get("level")].append(r)
@@ -146,6 +144,23 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             str(level): _level_metrics(rs) for level, rs in sorted(by_level.items(), key=lambda kv: str(kv[0]))
         }
     return out
+
+
+def reflection_stats(responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """F→T / T→F counts, shares and rates over responses with ``pre_reflect_correct`` and ``correct``."""
+    outcomes = Counter(reflection_outcome(r["pre_reflect_correct"], r["correct"]) for r in responses)
+    n_reflected = sum(v for key, v in outcomes.items() if key is not None)
+    changed = outcomes["F->T"] + outcomes["T->F"]
+    return {
+        "n_reflected": n_reflected,
+        "counts": {key: outcomes[key] for key in ("F->T", "T->F", "T->T", "F->F")},
+        # among reflected answers that changed correctness (the paper's F→T vs T→F split)
+        "f_to_t_share": _rate(outcomes["F->T"], changed),
+        "t_to_f_share": _rate(outcomes["T->F"], changed),
+        # over all reflected responses
+        "f_to_t_rate": _rate(outcomes["F->T"], n_reflected),
+        "t_to_f_rate": _rate(outcomes["T->F"], n_reflected),
+    }
 
 
 def _majority_correct(samples: Sequence[dict[str, Any]]) -> bool:
@@ -205,7 +220,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalC
         res = grade_batch([s.text for s in sampled], [golds[s.index] for s in sampled],
                           truncated=[s.truncated for s in sampled], last_number_fallback=cfg.last_number_fallback)
         for s, (ext, ok) in zip(sampled, res):
-            sampled_graded[s.index].append({"extracted": ext, "correct": bool(ok), "text": s.text})
+            sampled_graded[s.index].append(response_record(s, problems[s.index], ext, ok))
     records = []
     for i, (p, s, (ext, ok)) in enumerate(zip(problems, greedy, graded)):
         records.append({

@@ -50,7 +50,9 @@ COMPARISON_CLAIMS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("the ORM bonus helps", "rl_round1", "rl_rule_only", "test", "pass@1", ">"),
     ("the reflection bonus β helps", "rl_round1", "rl_beta0", "test", "pass@1", ">"),
     ("round 2 ≥ round 1", "rl_round2", "rl_round1", "test", "pass@1", ">="),
-    ("F→T rises after RL", "rl_round1", "sft_coat", "test", "reflection.f_to_t_share", ">"),
+    # over the k samples at the evaluation temperature: at testbed scale the greedy answers of
+    # the RL models never reflect, so a greedy F→T share is not measurable there
+    ("F→T rises after RL", "rl_round1", "sft_coat", "test", "sampled.reflection.f_to_t_share", ">"),
     ("LaTRO beats the base model", "latro", "base", "test", "pass@1", ">"),
     ("LaTRO beats SFT on gold rationales", "latro", "sft_gold", "test", "pass@1", ">"),
 )
@@ -79,16 +81,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def metric_value(metrics: dict[str, Any], path: str) -> float | None:
     """The value at a dotted ``path`` (``"reflection.f_to_t_share"``), or None when absent.
 
-    A reflection share (``reflection.*_share``) is None when no reflected answer changed
-    correctness: ``compute_metrics`` writes 0.0 there, which would read as a measurement.
+    A reflection share (``[sampled.]reflection.*_share``) is None when no reflected answer
+    changed correctness: ``compute_metrics`` writes 0.0 there, which would read as a
+    measurement.
     """
     node: Any = metrics
+    parent: Any = None
     for key in path.split("."):
         if not isinstance(node, dict) or key not in node:
             return None
-        node = node[key]
-    if path.startswith("reflection.") and path.endswith("_share"):
-        counts = metrics["reflection"].get("counts", {})
+        parent, node = node, node[key]
+    if path.endswith("_share") and "counts" in parent:
+        counts = parent["counts"]
         if counts.get("F->T", 0) + counts.get("T->F", 0) == 0:
             return None
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
@@ -227,7 +231,8 @@ def _pm(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) 
 
 
 def _metric_label(path: str) -> str:
-    return {"pass@1": "pass@1 (%)", "reflection.f_to_t_share": "F→T share (%)"}.get(path, path)
+    return {"pass@1": "pass@1 (%)", "reflection.f_to_t_share": "F→T share (%)",
+            "sampled.reflection.f_to_t_share": "F→T share of the sampled answers (%)"}.get(path, path)
 
 
 def _maj_key(metrics: dict[str, Any] | None) -> str | None:
@@ -257,7 +262,8 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ks = {_maj_key(s.get("test")) for m in models.values() for s in m.get("seeds", {}).values()} - {None}
     maj_header = (ks.pop() if len(ks) == 1 else "maj@k") + " (%)"
     header = ["model", "label", "seeds", "pass@1 (%)", maj_header, "OOD pass@1 (%)", "format (%)",
-              "reflect (%)", "explore (%)", "F→T share (%)", "T→F share (%)", "mean tokens"]
+              "reflect (%)", "explore (%)", "F→T share (%)", "T→F share (%)", "reflect, sampled (%)",
+              "F→T share, sampled (%)", "mean tokens"]
     rows = []
     for name, model in models.items():
         rows.append([
@@ -267,6 +273,8 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _cell(results, name, "test", "reflect_rate"), _cell(results, name, "test", "explore_rate"),
             _cell(results, name, "test", "reflection.f_to_t_share"),
             _cell(results, name, "test", "reflection.t_to_f_share"),
+            _cell(results, name, "test", "sampled.reflect_rate"),
+            _cell(results, name, "test", "sampled.reflection.f_to_t_share"),
             _cell(results, name, "test", "mean_tokens", percent=False),
         ])
     return header, rows

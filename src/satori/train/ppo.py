@@ -22,6 +22,12 @@ One loop, top to bottom, each step:
    rollout's ``old_logp``. With one epoch over one mini-batch (``train_batch`` = the whole
    rollout) and no KL reward, ``old_logp`` is not computed in a separate pass: it equals the
    update's own log-probabilities (detached), ratio 1, as in GRPO's single-step case.
+   During the first ``critic_warmup`` steps only the critic is updated (the policy is frozen):
+   a fresh value head predicts about 0 while the returns are about -1, so the last tokens of
+   every response (the end-of-sequence token among them) get strongly negative advantages and
+   the policy learns to stop ending its answers (measured on the testbed: rule-reward-only PPO
+   from a policy-initialised critic went from 86 to 232 tokens, 83% truncated, in 12 steps;
+   with 3 warm-up steps it kept 75-93 tokens).
 6. **Bookkeeping.** Metrics every step (reward and each part, KL, entropy, clip fraction,
    value loss, response length, reflect / explore rates) to JSONL and TensorBoard; atomic
    checkpoints every ``save_every`` steps and on SIGTERM; ``resume`` continues exactly.
