@@ -135,6 +135,9 @@ def test_f_to_t_claim_reads_the_sampled_answers(results):
     assert claim["held"] is True and claim["numbers"]["metric"] == "sampled.reflection.f_to_t_share"
     assert claim["numbers"]["mean_a"] == pytest.approx(0.75) and claim["numbers"]["mean_b"] == pytest.approx(0.25)
     assert "sampled answers" in claim["detail"]
+    # the shares rest on few events: the detail says how many (2 seeds × 4 changed answers each)
+    assert claim["numbers"]["changed_a"] == {"F->T": 6, "T->F": 2}
+    assert "rl_round1 8 (6 F→T, 2 T→F), sft_coat 8 (2 F→T, 6 T→F)" in claim["detail"]
 
 
 def test_mean_std_over_three_seeds():

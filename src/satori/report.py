@@ -172,7 +172,26 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
            None: "too few seeds to compare with the spread"}[significant]
     detail = (f"{a} {split} {_metric_label(path)} {_pm(ma, sa, len(va))} (n={len(va)}) vs {b} "
               f"{_pm(mb, sb, len(vb))} (n={len(vb)}): difference {diff * 100:+.1f} points, {sig}.")
+    if path.endswith("_share"):  # a share of few events: say how many
+        ca, cb = changed_answers(results, a, split, path), changed_answers(results, b, split, path)
+        numbers.update(changed_a=ca, changed_b=cb)
+        detail += (f" Reflected answers that changed correctness, summed over seeds: {a} {sum(ca.values())} "
+                   f"({ca['F->T']} F→T, {ca['T->F']} T→F), {b} {sum(cb.values())} "
+                   f"({cb['F->T']} F→T, {cb['T->F']} T→F).")
     return {"name": name, "held": held, "numbers": numbers, "detail": detail}
+
+
+def changed_answers(results: dict[str, Any], model: str, split: str, path: str) -> dict[str, int]:
+    """F→T and T→F counts summed over seeds, from the ``counts`` beside a ``*_share`` metric."""
+    parent = path.rsplit(".", 1)[0]
+    total = {"F->T": 0, "T->F": 0}
+    for seed in results.get("models", {}).get(model, {}).get("seeds", {}).values():
+        node: Any = seed.get(split) or {}
+        for key in parent.split("."):
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        for key in total:
+            total[key] += int(node.get("counts", {}).get(key, 0)) if isinstance(node, dict) else 0
+    return total
 
 
 def length_claim(results: dict[str, Any], run: str = LENGTH_RUN, min_points: int = MIN_CURVE_POINTS) -> dict[str, Any]:
