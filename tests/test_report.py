@@ -166,6 +166,14 @@ def test_length_drop_then_grow_rule():
     assert length_claim(falling)["held"] is False
     rising = {"curves": {"rl_round1": {"0": curve([50 + 5 * i for i in range(12)])}}}
     assert length_claim(rising)["held"] is False
+    assert c["numbers"]["significant"] is None  # one seed: no spread to compare with
+    # two seeds that agree on the dip: significant; a rise at the end within their spread: held, not significant
+    two = {"curves": {"rl_round1": {"0": curve(DIP), "1": curve([v + 2 for v in DIP])}}}
+    assert length_claim(two)["held"] is True and length_claim(two)["numbers"]["significant"] is True
+    late = [100, 90, 80, 70, 60, 50, 40, 30, 25, 24, 26, 28]  # smoothed: minimum 25, end 27, seeds' std 5.7
+    flat_end = {"curves": {"rl_round1": {"0": curve(late), "1": curve([v + 8 for v in late])}}}
+    c = length_claim(flat_end)
+    assert c["held"] is True and c["numbers"]["significant"] is False and "not both larger" in c["detail"]
     short = {"curves": {"rl_round1": {"0": curve([100, 50, 100])}}}
     assert length_claim(short)["held"] is None
     assert length_claim({})["held"] is None

@@ -200,10 +200,12 @@ def length_claim(results: dict[str, Any], run: str = LENGTH_RUN, min_points: int
     The per-step mean over seeds of ``response_length`` is smoothed with a centred moving
     average of window ``max(3, n // 5)``; the claim holds when the minimum of the smoothed
     curve is strictly below both its first and its last value. None when the curve has fewer
-    than ``min_points`` steps or is missing.
+    than ``min_points`` steps or is missing. As for the comparisons, ``significant`` (never
+    used for the verdict) says whether both the drop and the rise exceed the seeds' spread
+    at the minimum (the smoothed per-step std over seeds); None with one seed.
     """
     per_seed = results.get("curves", {}).get(run, {})
-    steps, values, _ = mean_curve(per_seed, "response_length") if per_seed else ([], [], [])
+    steps, values, stds = mean_curve(per_seed, "response_length") if per_seed else ([], [], [])
     numbers: dict[str, Any] = {"run": run, "n_points": len(values), "n_seeds": len(per_seed)}
     if len(values) < min_points:
         detail = (f"Not measured: the {run} response-length curve has {len(values)} points "
@@ -214,11 +216,16 @@ def length_claim(results: dict[str, Any], run: str = LENGTH_RUN, min_points: int
     low = min(range(len(smoothed)), key=smoothed.__getitem__)
     start, lowest, end = smoothed[0], smoothed[low], smoothed[-1]
     held = lowest < start and lowest < end
+    spread = smooth(stds, window)[low]
+    significant = (start - lowest > spread and end - lowest > spread) if len(per_seed) >= 2 else None
     numbers.update(window=window, start=start, start_step=steps[0], min=lowest, min_step=steps[low],
-                   end=end, end_step=steps[-1])
+                   end=end, end_step=steps[-1], spread_at_min=spread, significant=significant)
     detail = (f"{run} mean response length (moving average over {window} steps, {len(per_seed)} seed(s)): "
               f"{start:.1f} tokens at step {steps[0]:g}, minimum {lowest:.1f} at step {steps[low]:g}, "
               f"{end:.1f} at step {steps[-1]:g}.")
+    if significant is not None:
+        detail += (f" Drop {start - lowest:.1f}, rise {end - lowest:.1f} tokens; the seeds' std at the minimum is "
+                   f"{spread:.1f}: {'both larger' if significant else 'not both larger'}.")
     return {"name": LENGTH_CLAIM, "held": held, "numbers": numbers, "detail": detail}
 
 
