@@ -126,3 +126,29 @@ def test_sigterm_to_the_pipeline_reaches_the_stage_once(tmp_path):
         Runner(tmp_path, echo=lambda s: None, isolate=True).run("s", {}, [], loop)
     assert info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # the parent's own handler is back
+
+
+def test_base_model_fingerprint_follows_content_not_location(tmp_path, monkeypatch):
+    import satori.stages as stages
+
+    a, b = tmp_path / "here" / "base", tmp_path / "there" / "copy"
+    for folder in (a, b):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "config.json").write_text('{"hidden_size": 8}')
+        (folder / "sub" / "tokenizer.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    assert stages.folder_fingerprint(a) == stages.folder_fingerprint(b)  # a moved checkout keeps its cache
+    (b / "config.json").write_text('{"hidden_size": 9}')
+    assert stages.folder_fingerprint(a) != stages.folder_fingerprint(b)
+    (b / "config.json").write_text('{"hidden_size": 8}')
+    (b / "sub" / "extra.txt").write_text("x")
+    assert stages.folder_fingerprint(a) != stages.folder_fingerprint(b)
+    # large files: size and both ends count, so a changed last byte changes the key
+    monkeypatch.setattr(stages, "FINGERPRINT_WHOLE", 1000)
+    monkeypatch.setattr(stages, "FINGERPRINT_ENDS", 100)
+    (b / "sub" / "extra.txt").unlink()
+    assert stages.folder_fingerprint(a) == stages.folder_fingerprint(b)
+    weights = bytearray((b / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (b / "model.safetensors").write_bytes(bytes(weights))
+    assert stages.folder_fingerprint(a) != stages.folder_fingerprint(b)

@@ -35,7 +35,7 @@ from satori.data import DataConfig, load_problems, read_jsonl
 from satori.errors import SatoriError
 from satori.evaluate import EvalConfig, evaluate
 from satori.rae import RAEConfig, run_rae
-from satori.stages import Runner
+from satori.stages import Runner, folder_fingerprint
 from satori.synth.pipeline import SynthConfig, run_synth
 from satori.testbed.pretrain import PretrainConfig
 from satori.train.distill import DistillConfig, run_distill
@@ -181,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
         base = str(run_dir / "pretrain" / "model")
         base_dep = ["pretrain"]
     else:
-        runner.keys["base"] = f"path:{Path(base).resolve()}"
+        runner.keys["base"] = f"model:{folder_fingerprint(base)}"  # content, not location
         base_dep = ["base"]
 
     models: dict[str, dict[str, Any]] = {}

@@ -33,6 +33,34 @@ def stage_key(name: str, config: Any, deps: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: files up to this size are hashed whole; larger ones (model weights) by size and both ends
+FINGERPRINT_WHOLE = 64 << 20
+FINGERPRINT_ENDS = 1 << 20
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """A content fingerprint of a model folder that does not depend on where it lives.
+
+    Every file (sorted relative paths) contributes its path and size, and its bytes: all of
+    them up to ``FINGERPRINT_WHOLE``, the first and last ``FINGERPRINT_ENDS`` of a larger
+    file (hashing a 15 GB checkpoint on every run would cost minutes). A stage that reads
+    the base model is keyed by this, so moving or copying a checkout keeps the run's cache.
+    """
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            if size <= FINGERPRINT_WHOLE:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(FINGERPRINT_ENDS))
+                fh.seek(size - FINGERPRINT_ENDS)
+                digest.update(fh.read(FINGERPRINT_ENDS))
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class StageRecord:
     name: str
