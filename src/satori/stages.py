@@ -1,7 +1,9 @@
 """Cached, resumable pipeline stages.
 
 A stage writes into its own folder of the run directory. Its *key* is a hash of its name,
-its configuration, the keys of the stages it reads from and the satori version; the key and
+its configuration, the keys of the stages it reads from (a model folder given as input, such
+as the base model, counts by :func:`folder_fingerprint`, its content, not its location) and the
+satori version; the key and
 a ``done`` flag are kept in ``stage.json``. Running a stage whose folder holds a finished
 result with the same key is a no-op; a folder with a different key is cleared first; an
 unfinished folder with the same key is handed back to the stage, whose trainers resume from
