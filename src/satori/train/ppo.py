@@ -499,7 +499,7 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = n_chunk == len(chunks) - 1
                 if train_policy:
-                    _policy_micro_step(cfg, acc, policy, rollout, idx, width, m, share, last, mb_stats)
+                    _policy_micro_step(cfg, acc, policy, rollout, ids, attn, idx, m, share, last, mb_stats)
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
@@ -536,13 +536,15 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
     return {k: (v if k == "first_policy_loss" else v / max(1, count)) for k, v in totals.items()}
 
 
-def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, Any], idx: torch.Tensor,
-                       width: int, m: torch.Tensor, share: float, last: bool, stats: dict[str, float]) -> None:
-    """Forward and backward of the policy loss on one micro-batch (rows ``idx`` cut to ``width``,
-    response mask ``m``) holding ``share`` of the mini-batch's tokens; token-weighted
-    statistics go into ``stats``. Gradients are synchronised only on the ``last`` micro-batch.
+def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, Any], ids: torch.Tensor,
+                       attn: torch.Tensor, idx: torch.Tensor, m: torch.Tensor, share: float, last: bool,
+                       stats: dict[str, float]) -> None:
+    """Forward and backward of the policy loss on one micro-batch (``ids`` / ``attn``: the
+    rollout's rows ``idx`` cut to their longest, response mask ``m``) holding ``share`` of the
+    mini-batch's tokens; token-weighted statistics go into ``stats``. Gradients are
+    synchronised only on the ``last`` micro-batch.
     """
-    ids, attn = rollout["input_ids"][idx, :width], rollout["attention_mask"][idx, :width]
+    width = ids.shape[1]
     with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
         out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
                              entropy_grad=cfg.entropy_coef > 0)
