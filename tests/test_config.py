@@ -66,6 +66,13 @@ def test_validate_hooks_reject_impossible_values():
         from_dict(DataConfig, {"format": "csv"})
     with pytest.raises(SatoriError, match="k must be >= 0"):
         load_config(EvalConfig, overrides={"k": -1})
+    # inside a larger config, the error names the section the value is in
+    from satori.pipeline import PipelineConfig
+
+    with pytest.raises(SatoriError, match=r"^distill\.sft: save_every and eval_every must be > 0"):
+        load_config(PipelineConfig, overrides={"distill.sft.save_every": 0})
+    with pytest.raises(SatoriError, match=r"^orm: "):
+        load_config(PipelineConfig, overrides={"orm.eval_every": 0})
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):

@@ -152,3 +152,14 @@ def test_base_model_fingerprint_follows_content_not_location(tmp_path, monkeypat
     weights[-1] ^= 1
     (b / "model.safetensors").write_bytes(bytes(weights))
     assert stages.folder_fingerprint(a) != stages.folder_fingerprint(b)
+
+
+def test_relocatable_writes_paths_under_known_folders_as_placeholders():
+    from satori.stages import relocatable
+
+    places = {"/home/u/runs/quick": "$RUN", "/home/u/runs/quick/base": "$BASE", "/opt/m/": "$M"}
+    cfg = {"out": "/home/u/runs/quick/sft-s0", "model": "/home/u/runs/quick/base", "tag": "/home/u/runs/quickly",
+           "nested": {"paths": ["/home/u/runs/quick", "/opt/m/x", "/opt/m", "testbed:train"]}, "n": 3}
+    assert relocatable(cfg, places) == {
+        "out": "$RUN/sft-s0", "model": "$BASE", "tag": "/home/u/runs/quickly",  # a sibling is not under the folder
+        "nested": {"paths": ["$RUN", "$M/x", "$M", "testbed:train"]}, "n": 3}

@@ -134,7 +134,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise SatoriError(f"{where or cls.__name__}: {e}") from None
     validate = getattr(cls, "validate", None)
     if validate is not None:
-        validate(obj)
+        try:
+            validate(obj)
+        except SatoriError as e:  # name the section, e.g. "format_sft: save_every ... must be > 0"
+            raise SatoriError(f"{where}: {e}" if where else str(e)) from None
     return obj
 
 

@@ -182,6 +182,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
         base_dep = ["pretrain"]
     else:
         runner.keys["base"] = f"model:{folder_fingerprint(base)}"  # content, not location
+        runner.places.update({base: "$BASE", str(Path(base).resolve()): "$BASE"})
         base_dep = ["base"]
 
     models: dict[str, dict[str, Any]] = {}

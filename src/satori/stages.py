@@ -1,10 +1,11 @@
 """Cached, resumable pipeline stages.
 
 A stage writes into its own folder of the run directory. Its *key* is a hash of its name,
-its configuration, the keys of the stages it reads from (a model folder given as input, such
-as the base model, counts by :func:`folder_fingerprint`, its content, not its location) and the
-satori version; the key and
-a ``done`` flag are kept in ``stage.json``. Running a stage whose folder holds a finished
+its configuration (with the run folder's and the base model's paths written as placeholders,
+see :func:`relocatable`), the keys of the stages it reads from (a model folder given as
+input, such as the base model, counts by :func:`folder_fingerprint`, its content, not its
+location) and the satori version; so a run folder that moved, or a run continued from
+another checkout, keeps its cache. The key and a ``done`` flag are kept in ``stage.json``. Running a stage whose folder holds a finished
 result with the same key is a no-op; a folder with a different key is cleared first; an
 unfinished folder with the same key is handed back to the stage, whose trainers resume from
 their last checkpoint (so a killed run repeats no finished stage and resumes at the step
@@ -27,6 +28,27 @@ from typing import Any, Callable
 from satori import __version__
 from satori.errors import SatoriError, Stopped
 from satori.utils import write_json
+
+
+def relocatable(config: Any, places: dict[str, str]) -> Any:
+    """``config`` with every path under a folder of ``places`` written relative to its name.
+
+    ``places`` maps an absolute folder to a placeholder (``{"/home/u/runs/quick": "$RUN"}``):
+    a string equal to the folder or under it (``/home/u/runs/quick/sft-s0``) becomes
+    ``$RUN`` / ``$RUN/sft-s0``; anything else, such as ``/home/u/runs/quickly``, is kept.
+    Stage keys hash this form, so a run folder that moved, or a base model read from
+    another checkout, keeps its cache (what the folder holds is keyed by its content).
+    """
+    if isinstance(config, dict):
+        return {k: relocatable(v, places) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [relocatable(v, places) for v in config]
+    if isinstance(config, str):
+        for folder, name in sorted(places.items(), key=lambda kv: -len(kv[0])):  # the deepest folder first
+            folder = folder.rstrip("/")
+            if config == folder or config.startswith(folder + "/"):
+                return name + config[len(folder):]
+    return config
 
 
 def stage_key(name: str, config: Any, deps: dict[str, str]) -> str:
@@ -83,6 +105,9 @@ class Runner:
     started: float = field(default_factory=time.time)
     echo: Callable[[str], None] = print
     isolate: bool = False  # run each stage in a child process (see :func:`run_in_child`)
+    #: absolute folders whose paths in a stage's config are keyed by a placeholder (:func:`relocatable`);
+    #: the run folder itself is always one
+    places: dict[str, str] = field(default_factory=dict)
 
     def plan(self, name: str, weight: float = 1.0) -> None:
         self.planned.append((name, weight))
@@ -101,7 +126,8 @@ class Runner:
     def run(self, name: str, config: Any, deps: list[str], fn: Callable[[Path], Any]) -> Any:
         """Run ``fn(stage_dir)`` unless its finished result is cached; returns its result."""
         folder = self.run_dir / name
-        key = stage_key(name, config, {d: self.keys[d] for d in deps})
+        places = {str(self.run_dir): "$RUN", str(self.run_dir.resolve()): "$RUN", **self.places}
+        key = stage_key(name, relocatable(config, places), {d: self.keys[d] for d in deps})
         meta_path = folder / "stage.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         index = len(self.records) + 1
