@@ -24,6 +24,28 @@ def test_wrong_then_reflect_then_right_counts_as_f_to_t():
     assert m["reflection"]["counts"]["F->T"] == 1 and m["reflection"]["f_to_t_share"] == 1.0
 
 
+def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
+    problem = Problem(id="t", question="", answer="5", meta={"start": 2, "ops": [["+", 3]]})
+    wrong_then_fixed = ("Step 1: 2 + 3 = 6\nThe answer is \\boxed{6}." + REFLECT + "Wait, step 1 is wrong." + EXPLORE
+                        + "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}.")
+    right_then_doubted = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}." + REFLECT + "Let me verify step 1."
+    right_plain = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}."
+    greedy = []
+    for text in (wrong_then_fixed, right_then_doubted, right_plain, right_plain):
+        s = Sample(prompt="", text=text, prompt_ids=[], response_ids=[1, 2], truncated=False)
+        greedy.append(response_record(s, problem, "5", True))
+    assert greedy[0]["step_reflects"] == {"wrong": 1, "wrong_reflected": 1, "right": 1, "right_reflected": 0}
+    steps = compute_metrics([{"level": 1, "samples": [], "greedy": g} for g in greedy])["reflection"]["steps"]
+    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1}
+    assert steps["p_reflect_after_wrong"] == 1.0 and steps["p_reflect_after_right"] == 0.25
+    assert steps["p_wrong_given_reflect"] == 0.5
+    # a problem without testbed ground truth has no step counts, and the metrics have no "steps" block
+    other = response_record(Sample(prompt="", text=right_plain, prompt_ids=[], response_ids=[1], truncated=False),
+                            Problem(id="g", question="", answer="5"), "5", True)
+    assert "step_reflects" not in other
+    assert "steps" not in compute_metrics([{"level": 1, "samples": [], "greedy": other}])["reflection"]
+
+
 def test_metrics_by_hand():
     records = [
         rec(2, True, samples=[("4", True), ("4", True), ("5", False)]),

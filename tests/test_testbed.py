@@ -20,6 +20,7 @@ from satori.testbed.checker import (
     check_steps,
     correct_step_text,
     parse_equation,
+    reflection_points,
     verify_step,
 )
 from satori.testbed.model import build_model, build_tokenizer
@@ -266,6 +267,26 @@ def test_checker_coat_text():
         + "<|continue|>".join(RIGHT[2:])
     )
     assert check_steps(HAND, verified).first_wrong_step is None
+
+
+def test_reflection_points_pair_each_step_with_the_reflection_after_it():
+    # a wrong step 2, one more step on the wrong line, a reflection, the redone step 2, then right to the end
+    text = (
+        RIGHT[0] + "<|continue|>Step 2: 12 - 3 = 8<|continue|>Step 3: 8 * 2 = 16"
+        "<|reflect|>Wait, step 2 is wrong.<|explore|>Step 2: 12 - 3 = 9<|continue|>"
+        + "<|continue|>".join(RIGHT[2:])
+    )
+    # (line right so far, a reflection follows): step 1 right; step 2 wrong; step 3 on the wrong line,
+    # then the reflection; the explored step 2 right again, steps 3 and 4 right
+    assert reflection_points(HAND, text) == [(True, False), (False, False), (False, True), (True, False),
+                                             (True, False), (True, False)]
+    # a verification after a right step is a reflection after a right line; its quoted equation is no step
+    verified = "<|continue|>".join(RIGHT[:2]) + "<|reflect|>Let me verify: 12 - 3 = 10? No.<|continue|>" + \
+        "<|continue|>".join(RIGHT[2:])
+    assert reflection_points(HAND, verified) == [(True, False), (True, True), (True, False), (True, False)]
+    # plain CoT: no reflection anywhere; an extra step past the last operation is a wrong line
+    assert reflection_points(HAND, solution(RIGHT + ["Step 5: 6 + 1 = 7"])) == [(True, False)] * 4 + [(False, False)]
+    assert reflection_points(HAND, "no equations at all") == []
 
 
 def test_verify_step_and_correct_step_text():

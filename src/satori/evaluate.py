@@ -25,6 +25,8 @@ from satori.data import DataConfig, Problem, build_prompt, load_problems, read_j
 from satori.errors import SatoriError
 from satori.grading import answers_equal, extract_answer, grade_batch, normalize_answer
 from satori.rollout import Sample, generate, load_model, load_tokenizer
+from satori.testbed.checker import reflection_points
+from satori.testbed.tasks import has_ground_truth
 from satori.utils import seed_everything, set_threads, write_json, write_jsonl
 
 
@@ -160,6 +162,24 @@ def reflection_stats(responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # over all reflected responses
         "f_to_t_rate": _rate(outcomes["F->T"], n_reflected),
         "t_to_f_rate": _rate(outcomes["T->F"], n_reflected),
+        **({"steps": step_reflection_stats([r["step_reflects"] for r in responses])}
+           if responses and all("step_reflects" in r for r in responses) else {}),
+    }
+
+
+def step_reflection_stats(counts: Sequence[dict[str, int]]) -> dict[str, Any]:
+    """Whether reflections follow mistakes: P(reflect | the line so far is wrong) against
+    P(reflect | it is right), over every step of every response (``step_reflects`` counts,
+    from :func:`satori.testbed.checker.reflection_points`), and P(wrong | reflect)."""
+    tot = Counter()
+    for c in counts:
+        tot.update(c)
+    reflected = tot["wrong_reflected"] + tot["right_reflected"]
+    return {
+        "counts": {key: tot[key] for key in ("wrong", "wrong_reflected", "right", "right_reflected")},
+        "p_reflect_after_wrong": _rate(tot["wrong_reflected"], tot["wrong"]),
+        "p_reflect_after_right": _rate(tot["right_reflected"], tot["right"]),
+        "p_wrong_given_reflect": _rate(tot["wrong_reflected"], reflected),
     }
 
 
@@ -200,7 +220,16 @@ def response_record(sample: Sample, problem: Problem, extracted: str | None, cor
         "explores": beh["explores"],
         "n_steps": beh["n_steps"],
         "pre_reflect_correct": pre_correct,
+        **({"step_reflects": step_reflect_counts(problem, sample.text)} if has_ground_truth(problem) else {}),
     }
+
+
+def step_reflect_counts(problem: Problem, text: str) -> dict[str, int]:
+    """Steps after which the line of reasoning is wrong / right, and how many of each a
+    ``<|reflect|>`` follows (testbed problems; see :func:`step_reflection_stats`)."""
+    points = reflection_points(problem, text)
+    return {"wrong": sum(not ok for ok, _ in points), "wrong_reflected": sum(r and not ok for ok, r in points),
+            "right": sum(ok for ok, _ in points), "right_reflected": sum(r and ok for ok, r in points)}
 
 
 def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalConfig,

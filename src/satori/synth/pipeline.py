@@ -52,6 +52,7 @@ from satori.synth import agents as ag
 from satori.synth import backends as be
 from satori.synth import trajectory as tj
 from satori.testbed.checker import check_steps
+from satori.testbed.tasks import has_ground_truth
 from satori.utils import atomic_write_text, set_threads, write_json
 
 log = logging.getLogger("satori")
@@ -192,11 +193,6 @@ def _model_dir(path: str, role: str) -> Path:
     if not (p / "config.json").is_file():
         raise SatoriError(f"{role}: {p} is not a Hugging Face model folder (no config.json)")
     return p
-
-
-def has_ground_truth(problem: Problem) -> bool:
-    """Whether a problem carries testbed ground truth (meta ``start`` and ``ops``)."""
-    return "start" in problem.meta and "ops" in problem.meta
 
 
 def prepare_agents(cfg: SynthConfig, problems: list[Problem], load_models: bool = True) -> Agents:

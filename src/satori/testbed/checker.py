@@ -104,10 +104,10 @@ def split_steps(text: str) -> list[tuple[str, str]]:
     return steps
 
 
-def line_of_reasoning(text: str) -> list[Equation]:
-    """The equations of the final line of reasoning (see the module docstring)."""
+def _line_states(steps: list[tuple[str, str]]):
+    """``(i, line)`` after each step ``steps[i]`` that changes the line of reasoning."""
     line: list[Equation] = []
-    for action, step in split_steps(text):
+    for i, (action, step) in enumerate(steps):
         if action == "reflect":
             continue
         eq = parse_equation(step)
@@ -117,7 +117,15 @@ def line_of_reasoning(text: str) -> list[Equation]:
         if label is not None and 1 <= int(label.group(1)) <= len(line) + 1:
             del line[int(label.group(1)) - 1 :]
         line.append(eq)
-    return line
+        yield i, line
+
+
+def line_of_reasoning(text: str) -> list[Equation]:
+    """The equations of the final line of reasoning (see the module docstring)."""
+    line: list[Equation] = []
+    for _, line in _line_states(split_steps(text)):
+        pass
+    return list(line)
 
 
 def last_boxed(text: str) -> str | None:
@@ -180,25 +188,41 @@ def _expected(problem: Problem) -> tuple[list[int], list[list], list[str]]:
     return values, ops, texts
 
 
+def _first_wrong(line: list[Equation], values: list[int], ops: list[list]) -> tuple[int, str] | None:
+    """``(k, reason)`` for the first wrong equation of ``line`` (1-based), None when all are right."""
+    for k, eq in enumerate(line):
+        if k >= len(ops):
+            return k + 1, "extra step"
+        verdict = _step_verdict(eq, values[k], *ops[k])
+        if verdict:
+            return k + 1, verdict
+    return None
+
+
 def check_steps(problem: Problem, text: str) -> StepCheck:
     """Find the first wrong step of ``text`` (plain or COAT) against ``problem``'s ground truth."""
     values, ops, expected = _expected(problem)
     line = line_of_reasoning(text)
     final_correct = _same_number(last_boxed(text), problem.answer)
     found = [eq.text for eq in line]
-    first, reason = None, "all steps correct"
-    for k, eq in enumerate(line):
-        if k >= len(ops):
-            first, reason = k + 1, "extra step"
-            break
-        verdict = _step_verdict(eq, values[k], *ops[k])
-        if verdict:
-            first, reason = k + 1, verdict
-            break
-    else:
-        if len(line) < len(ops):
-            first, reason = len(line) + 1, "missing step"
+    first, reason = _first_wrong(line, values, ops) or (None, "all steps correct")
+    if first is None and len(line) < len(ops):
+        first, reason = len(line) + 1, "missing step"
     return StepCheck(len(line), first, reason, expected, found, final_correct)
+
+
+def reflection_points(problem: Problem, text: str) -> list[tuple[bool, bool]]:
+    """Where a solution could have reflected, and whether it did.
+
+    One pair per step that extends the line of reasoning (a plain step or an explore step):
+    ``(the line so far is right, the next step is a <|reflect|>)``. Over many solutions,
+    P(reflect | the line is wrong) against P(reflect | it is right) says whether the model's
+    reflections notice its mistakes or fall anywhere.
+    """
+    values, ops, _ = _expected(problem)
+    steps = split_steps(text)
+    return [(_first_wrong(line, values, ops) is None, i + 1 < len(steps) and steps[i + 1][0] == "reflect")
+            for i, line in _line_states(steps)]
 
 
 def _check_k(problem: Problem, k: int) -> tuple[list[int], list[list], list[str]]:

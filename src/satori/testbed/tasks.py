@@ -296,10 +296,15 @@ def make_problems(
     return problems
 
 
+def has_ground_truth(problem: Problem) -> bool:
+    """Whether ``problem`` carries the testbed's ground-truth steps (meta ``start`` and ``ops``)."""
+    return "start" in (problem.meta or {}) and "ops" in (problem.meta or {})
+
+
 def ground_truth(problem: Problem) -> tuple[int, list[list]]:
     """``(start, ops)`` of a testbed problem; SatoriError if it has none."""
     meta = problem.meta or {}
-    if "start" not in meta or "ops" not in meta:
+    if not has_ground_truth(problem):
         raise SatoriError(
             f"problem {problem.id!r} has no testbed ground truth (meta start/ops)"
         )
