@@ -34,6 +34,22 @@ def test_rl_two_processes_match_one(tmp_path, tiny_coat):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
+def test_grpo_with_shared_prompts_two_processes_match_one(tmp_path, tiny_coat):
+    """The shared-prompt update calls the model's layers, not the DDP wrapper, and averages the
+    gradients itself: two steps (the second starts from the first's averaged update) must
+    match one process (without the averaging, step 1's gradient norm differs)."""
+    args = ["rl", "--policy", str(tiny_coat), "--data", "testbed:train", "--data.n", "16", "--advantage", "grpo",
+            "--n-samples", "2", "--steps", "2", "--rollout-batch", "4", "--train-batch", "8", "--micro-batch", "2",
+            "--max-new-tokens", "12", "--temperature", "1.0", "--actor-lr", "1e-3", "--threads", "1", "--seed", "5",
+            "--entropy-coef", "0.05"]  # an untrained model's rewards are all -1: the entropy term makes gradients
+    one = _launch(1, args, tmp_path / "one")
+    two = _launch(2, args, tmp_path / "two")
+    assert all(r["grad_norm"] > 0 for r in one)
+    for a, b in zip(one, two):
+        for key in ("first_policy_loss", "policy_loss", "entropy", "grad_norm", "reward", "response_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 def test_sft_two_processes_match_one(tmp_path, tiny_coat, sft_jsonl):
     args = ["sft", "--model", str(tiny_coat), "--data", str(sft_jsonl), "--max-steps", "2", "--batch-size", "2",
             "--grad-accum", "2", "--valid-fraction", "0", "--lr", "1e-3", "--threads", "1", "--seed", "3"]

@@ -177,3 +177,42 @@ def test_by_length_equals_one_full_width_pass_on_every_real_token(tiny_coat):
     assert cut.shape == full.shape
     assert torch.allclose(cut[real], full[real], atol=1e-5)
     assert (batch["response_mask"].bool() <= real).all()  # every trained token is covered
+
+
+@pytest.mark.parametrize("adv", ["grpo", "gae"])
+def test_shared_prompt_update_equals_the_plain_one(tmp_path, tiny_coat, monkeypatch, adv):
+    """Running each prompt once for its group of responses changes no loss and no weight
+    (several micro-batches, two optimizer steps per rollout, the critic alongside for gae)."""
+    import satori.train.ppo as ppo
+
+    calls = []
+    inner = ppo.shared_prompt_logprobs
+    monkeypatch.setattr(ppo, "shared_prompt_logprobs", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    # an untrained model's rewards are all -1 (zero group advantages): the entropy term makes gradients
+    kw = dict(advantage=adv, n_samples=3, rollout_batch=4, train_batch=6, micro_batch=3, steps=2, max_new_tokens=16,
+              entropy_coef=0.05)
+    run_rl(rl_cfg(tmp_path, tiny_coat, "shared", **kw))
+    assert len(calls) == 2 * 2 * 2  # steps × mini-batches × micro-batches
+    run_rl(rl_cfg(tmp_path, tiny_coat, "plain", share_prompt=False, **kw))
+    assert len(calls) == 8
+    shared, plain = metrics(tmp_path / "shared"), metrics(tmp_path / "plain")
+    assert all(r["grad_norm"] > 0 for r in shared)
+    assert [r["response_length"] for r in shared] == [r["response_length"] for r in plain]
+    for a, b in zip(shared, plain):
+        for key in ("policy_loss", "first_policy_loss", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    wa, wb = load_file(str(tmp_path / "shared" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_chunks_keep_groups_together():
+    from satori.rollout import pack_sequences
+    from satori.train.ppo import prompt_chunks
+
+    prompts = [[5, 6], [7, 8, 9], [5, 6], [7, 8, 9], [5, 6], [7, 8, 9]]
+    responses = [[1] * n for n in (4, 2, 1, 5, 3, 3)]
+    b = pack_sequences(prompts, responses, pad_id=0)
+    chunks = prompt_chunks(b["input_ids"], b["attention_mask"], b["response_mask"], torch.arange(6), micro=3)
+    assert [c.tolist() for c, _ in chunks] == [[2, 4, 0], [1, 5, 3]]  # each group by length
+    assert [w for _, w in chunks] == [6, 8]

@@ -291,19 +291,10 @@ def decode_kv(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
         attn_mask[:, torch.arange(t), torch.arange(start, end)] = True
         attn_mask = attn_mask[:, None]
         for li, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
-            q, k = _rotate(q, k, cos, sin)
+            q, k, v = _qkv(layer, h, cos, sin, head_dim)
             keys[li, :, :, start:end] = k
             values[li, :, :, start:end] = v
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q, keys[li, :, :, :end], values[li, :, :, :end], attn_mask=attn_mask,
-                enable_gqa=q.shape[1] != k.shape[1])
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = _attend(layer, h, q, keys[li, :, :, :end], values[li, :, :, :end], attn_mask)
         return model.lm_head(inner.norm(h[:, -1]))
 
     out = [[] for _ in range(rows)]
@@ -333,6 +324,30 @@ def decode_kv(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
         pos = pos + 1
         logits = forward(picked[:, None], pos, width + step)
     return [row + [pad_id] * (max_new_tokens - len(row)) for row in out]
+
+
+def _qkv(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``[b, heads, t, head_dim]`` of a Llama-layout decoder layer
+    for hidden states ``h`` ``[b, t, hidden]`` (rotary embedding applied)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, t = h.shape[:2]
+    q = attn.q_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    q, k = _rotate(q, k, cos, sin)
+    return q, k, v
+
+
+def _attend(layer: Any, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer: attention of ``q`` over ``k`` / ``v`` (``mask`` True = visible),
+    output projection and MLP, both residual."""
+    b, t = h.shape[:2]
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,6 +406,88 @@ def token_logprobs(
             result["entropy"] = lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)
     if return_hidden:
         result["hidden"] = out.hidden_states[-1]
+    return result
+
+
+def shared_prompt_supported(model: Any) -> bool:
+    """Whether :func:`shared_prompt_logprobs` can run ``model`` (Llama layout, full attention,
+    no attention dropout)."""
+    return kv_decode_supported(model) and not float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+
+
+def shared_prompt_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: Sequence[int],
+    temperature: float = 1.0, return_entropy: bool = False, entropy_grad: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:func:`token_logprobs` of right-padded ``prompt + response`` rows, computing each
+    distinct prompt once.
+
+    GRPO / RLOO rollouts hold n responses per prompt; here the rows that share a prompt
+    (the first ``prompt_lens[b]`` tokens of row ``b``) share one pass over it: the prompts
+    run once, left-padded, and every response attends to its prompt's keys and values
+    (gradients flow back through them, summed over the group). Returns what
+    :func:`token_logprobs` returns at every position that scores a response token
+    (``[B, L-1]``, position ``t`` scoring token ``t + 1``); positions that score prompt
+    tokens or padding hold arbitrary values (the response mask excludes them).
+    Llama-layout models only (:func:`shared_prompt_supported`).
+    """
+    inner, cfg = model.model, model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    device = input_ids.device
+    rows = input_ids.tolist()
+    lengths = attention_mask.sum(1).tolist()
+    prompts: dict[tuple[int, ...], int] = {}
+    pick = [prompts.setdefault(tuple(r[:p]), len(prompts)) for r, p in zip(rows, prompt_lens)]
+    responses = [r[p:n] for r, p, n in zip(rows, prompt_lens, lengths)]
+    pad = 0  # any id: padding is masked
+    width, span = max(len(p) for p in prompts), max(len(r) for r in responses)
+    p_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    p_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for prompt, d in prompts.items():
+        p_ids[d, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        p_mask[d, width - len(prompt):] = True
+    r_ids = torch.full((len(rows), span), pad, dtype=torch.long)
+    for b, r in enumerate(responses):
+        r_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    p_ids, p_mask, r_ids = p_ids.to(device), p_mask.to(device), r_ids.to(device)
+    pick_t = torch.tensor(pick, device=device)
+    starts = torch.tensor(list(prompt_lens), device=device)
+
+    # the prompts: causal over their own tokens (a padding query sees itself, so no row is all masked)
+    h = inner.embed_tokens(p_ids)
+    cos, sin = inner.rotary_emb(h, (p_mask.long().cumsum(-1) - 1).clamp(min=0))
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    mask = ((p_mask[:, None, :] & eye.cumsum(0).bool()[None]) | eye[None])[:, None]
+    prompt_kv = []
+    for layer in inner.layers:
+        q, k, v = _qkv(layer, h, cos, sin, head_dim)
+        prompt_kv.append((k, v))
+        h = _attend(layer, h, q, k, v, mask)
+    logits = model.lm_head(inner.norm(h[:, -1]))[pick_t][:, None]  # scores each response's first token
+    # the responses (all but their last token), each after its prompt's keys and values
+    t = span - 1
+    if t > 0:
+        h = inner.embed_tokens(r_ids[:, :t])
+        cos, sin = inner.rotary_emb(h, starts[:, None] + torch.arange(t, device=device)[None])
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        mask = torch.cat([p_mask[pick_t][:, None, :].expand(-1, t, -1), causal[None].expand(len(rows), -1, -1)],
+                         dim=-1)[:, None]
+        for layer, (pk, pv) in zip(inner.layers, prompt_kv):
+            q, k, v = _qkv(layer, h, cos, sin, head_dim)
+            h = _attend(layer, h, q, torch.cat([pk[pick_t], k], dim=2), torch.cat([pv[pick_t], v], dim=2), mask)
+        logits = torch.cat([logits, model.lm_head(inner.norm(h))], dim=1)
+    logits = logits.float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) - logz  # [B, span]: response token j
+    # back to the rows' layout: position t scores token t + 1 = response token t + 1 - prompt_len
+    cols = (torch.arange(input_ids.shape[1] - 1, device=device)[None] + 1 - starts[:, None]).clamp(0, span - 1)
+    result = {"logp": logp.gather(1, cols)}
+    if return_entropy:  # for logging only (entropy_grad=False): no graph over [B, span, vocab]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            lg, lz = (logits, logz) if entropy_grad else (logits.detach(), logz.detach())
+            result["entropy"] = (lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)).gather(1, cols)
     return result
 
 

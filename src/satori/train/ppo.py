@@ -54,7 +54,10 @@ from satori.config import check, to_dict, validate_all
 from satori.data import DataConfig, Problem, build_prompt, load_problems, read_jsonl
 from satori.errors import SatoriError
 from satori.grading import grade_batch, is_blank_response
-from satori.rollout import generate, load_model, load_tokenizer, pack_sequences, token_logprobs
+from satori.rollout import (
+    generate, load_model, load_tokenizer, pack_sequences, shared_prompt_logprobs, shared_prompt_supported,
+    token_logprobs,
+)
 from satori.train.common import (
     end_of_step, skip_bad_step,
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
@@ -104,6 +107,9 @@ class RLConfig:
     max_new_tokens: int = 256
     max_grad_norm: float = 1.0
     gen_batch_size: int = 64
+    share_prompt: bool = field(default=True, metadata={
+        "help": "with n_samples > 1, the update runs each prompt once for its group of responses "
+                "(Llama / Qwen2 layouts; same log-probabilities and gradients, less compute)"})
     bf16: bool = False
     save_every: int = 10
     max_bad_steps: int = 5
@@ -226,6 +232,20 @@ def length_chunks(attn: torch.Tensor, rows: torch.Tensor, micro: int) -> list[tu
     return [(order[i: i + micro], int(attn[order[i: i + micro]].sum(1).max())) for i in range(0, len(order), micro)]
 
 
+def prompt_chunks(ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor, rows: torch.Tensor,
+                  micro: int) -> list[tuple[torch.Tensor, int]]:
+    """Like :func:`length_chunks`, but the rows that share a prompt (the tokens before their
+    response) are kept together, by length within a group, so that a micro-batch of a
+    group-sampled rollout holds whole groups (:func:`satori.rollout.shared_prompt_logprobs`)."""
+    prompt_lens = (response_mask[rows] > 0).float().argmax(1) + 1
+    groups: dict[tuple[int, ...], int] = {}
+    group = [groups.setdefault(tuple(ids[r, :p].tolist()), len(groups))
+             for r, p in zip(rows.tolist(), prompt_lens.tolist())]
+    lengths = attn[rows].sum(1).tolist()
+    order = rows[sorted(range(len(group)), key=lambda i: (group[i], lengths[i]))]
+    return [(order[i: i + micro], int(attn[order[i: i + micro]].sum(1).max())) for i in range(0, len(order), micro)]
+
+
 def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position values aligned with ``token_logprobs`` (value of the state before token t+1)."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
@@ -324,6 +344,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
         acc.wait_for_everyone()
 
     on_policy = single_update(cfg, ref is not None)
+    share_prompts = cfg.share_prompt and cfg.n_samples > 1 and shared_prompt_supported(acc.unwrap_model(policy))
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
             # ---- 1. initial states of this step; this process's share
@@ -399,7 +420,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             t_scored = time.perf_counter()
             # critic warm-up: the first steps fit the critic to the frozen policy's returns
             stats = _ppo_update(cfg, acc, policy, critic, opt, critic_opt, sched, rollout, step,
-                                train_policy=step >= cfg.critic_warmup)
+                                train_policy=step >= cfg.critic_warmup, share_prompt=share_prompts)
             if stats is None:
                 bad_steps = skip_bad_step(step + 1, bad_steps, cfg.max_bad_steps, "losses or gradients", log, out)
                 end_of_step(step + 1, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
@@ -465,7 +486,8 @@ def _gather_rollout(acc: Any, tensors: dict[str, torch.Tensor | None], pad_id: i
 
 
 def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, critic_opt: Any, sched: Any,
-                rollout: dict[str, Any], step: int, train_policy: bool = True) -> dict[str, float] | None:
+                rollout: dict[str, Any], step: int, train_policy: bool = True,
+                share_prompt: bool = False) -> dict[str, float] | None:
     """``ppo_epochs`` passes of clipped-surrogate updates over shuffled mini-batches.
 
     ``rollout`` holds the whole global rollout on every process. A mini-batch is
@@ -474,6 +496,11 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
     the mini-batch's token count, so micro-batching and the number of processes do not
     change the update. Returns the averaged statistics, or None when a loss or gradient was
     not finite (that mini-batch is not applied).
+
+    ``share_prompt``: micro-batches hold whole groups of rows with the same prompt, and the
+    policy runs each prompt once (:func:`satori.rollout.shared_prompt_logprobs`). That pass
+    calls the model's layers, not the DDP wrapper, so with several processes the policy's
+    gradients are averaged here, once per mini-batch, instead of by DDP.
     """
     world, rank = acc.num_processes, acc.process_index
     mask = rollout["response_mask"]
@@ -492,14 +519,16 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
             mb_stats: dict[str, float] = {}
             # batching by length: micro-batches of similar lengths, each cut to its own longest
             # row (rows are right-padded), so no micro-batch pays for the rollout's longest one
-            chunks = length_chunks(rollout["attention_mask"], mb, micro)
+            chunks = (prompt_chunks(rollout["input_ids"], rollout["attention_mask"], mask, mb, micro)
+                      if share_prompt else length_chunks(rollout["attention_mask"], mb, micro))
             for n_chunk, (idx, width) in enumerate(chunks):
                 ids, attn = rollout["input_ids"][idx, :width], rollout["attention_mask"][idx, :width]
                 m = mask[idx, :width - 1]
                 share = float(m.sum() / mb_tokens)  # this micro-batch's share of the mini-batch's tokens
                 last = n_chunk == len(chunks) - 1
                 if train_policy:
-                    _policy_micro_step(cfg, acc, policy, rollout, ids, attn, idx, m, share, last, mb_stats)
+                    _policy_micro_step(cfg, acc, policy, rollout, ids, attn, idx, m, share, last, mb_stats,
+                                       share_prompt)
                 if critic is not None:
                     with (nullcontext() if last else acc.no_sync(critic)), autocast(cfg.bf16):
                         values = values_of(critic, {"input_ids": ids, "attention_mask": attn})
@@ -509,6 +538,8 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
                         acc.backward(vl * share * world)
                     _add(mb_stats, "value_loss", float(vl.detach()) * share)
                     _add(mb_stats, "value_clipfrac", float(vst["clipfrac"]) * share)
+            if train_policy and share_prompt and world > 1:
+                _average_gradients(acc, policy)
             finite = all(math.isfinite(v) for v in mb_stats.values()) and (
                 not train_policy or grads_finite(policy)) and (critic is None or grads_finite(critic))
             if not finite:
@@ -538,16 +569,21 @@ def _ppo_update(cfg: RLConfig, acc: Any, policy: Any, critic: Any, opt: Any, cri
 
 def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, Any], ids: torch.Tensor,
                        attn: torch.Tensor, idx: torch.Tensor, m: torch.Tensor, share: float, last: bool,
-                       stats: dict[str, float]) -> None:
+                       stats: dict[str, float], share_prompt: bool = False) -> None:
     """Forward and backward of the policy loss on one micro-batch (``ids`` / ``attn``: the
     rollout's rows ``idx`` cut to their longest, response mask ``m``) holding ``share`` of the
     mini-batch's tokens; token-weighted statistics go into ``stats``. Gradients are
-    synchronised only on the ``last`` micro-batch.
+    synchronised by DDP only on the ``last`` micro-batch (never with ``share_prompt``: the
+    caller averages them).
     """
     width = ids.shape[1]
-    with (nullcontext() if last else acc.no_sync(policy)), autocast(cfg.bf16):
-        out = token_logprobs(policy, ids, attn, temperature=cfg.temperature, return_entropy=True,
-                             entropy_grad=cfg.entropy_coef > 0)
+    kw = dict(temperature=cfg.temperature, return_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+    with (nullcontext() if last and not share_prompt else acc.no_sync(policy)), autocast(cfg.bf16):
+        if share_prompt:
+            prompt_lens = ((m > 0).float().argmax(1) + 1).tolist()
+            out = shared_prompt_logprobs(acc.unwrap_model(policy), ids, attn, prompt_lens, **kw)
+        else:
+            out = token_logprobs(policy, ids, attn, **kw)
         logp = out["logp"].float()
         old = logp.detach() if rollout["old_logp"] is None else rollout["old_logp"][idx, :width - 1]
         pg, st = algos.policy_loss(logp, old, rollout["adv"][idx, :width - 1], m, clip_eps=cfg.clip)
@@ -564,6 +600,13 @@ def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, 
     _add(stats, "clipfrac", float(st["clipfrac"]) * share)
     _add(stats, "approx_kl", float(st["approx_kl"]) * share)
     _add(stats, "entropy", float(ent.detach()) * share)
+
+
+def _average_gradients(acc: Any, model: Any) -> None:
+    """Average ``model``'s gradients over the processes (what DDP does after a backward)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
 
 
 def _global_means(acc: Any, parts: dict[str, tuple[torch.Tensor, float]]) -> dict[str, float]:
