@@ -30,13 +30,18 @@ def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
                         + "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}.")
     right_then_doubted = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}." + REFLECT + "Let me verify step 1."
     right_plain = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}."
+    wrong_then_wrong = wrong_then_fixed.replace("Step 1: 2 + 3 = 5", "Step 1: 2 + 3 = 7")
+    assert response_record(Sample(prompt="", text=wrong_then_wrong, prompt_ids=[], response_ids=[1], truncated=False),
+                           problem, "7", False)["step_reflects"]["wrong_repaired"] == 0
     greedy = []
     for text in (wrong_then_fixed, right_then_doubted, right_plain, right_plain):
         s = Sample(prompt="", text=text, prompt_ids=[], response_ids=[1, 2], truncated=False)
         greedy.append(response_record(s, problem, "5", True))
-    assert greedy[0]["step_reflects"] == {"wrong": 1, "wrong_reflected": 1, "right": 1, "right_reflected": 0}
+    assert greedy[0]["step_reflects"] == {"wrong": 1, "wrong_reflected": 1, "right": 1, "right_reflected": 0,
+                                          "wrong_repaired": 1}
     steps = compute_metrics([{"level": 1, "samples": [], "greedy": g} for g in greedy])["reflection"]["steps"]
-    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1}
+    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1, "wrong_repaired": 1}
+    assert steps["p_repair_after_reflect"] == 1.0
     assert steps["p_reflect_after_wrong"] == 1.0 and steps["p_reflect_after_right"] == 0.25
     assert steps["p_wrong_given_reflect"] == 0.5
     # a problem without testbed ground truth has no step counts, and the metrics have no "steps" block
