@@ -272,8 +272,10 @@ def decode_kv(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = next(model.parameters()).dtype
     shape = (cfg.num_hidden_layers, ids.shape[0], cfg.num_key_value_heads, total, head_dim)
-    keys = torch.zeros(shape, dtype=dtype, device=ids.device)
-    values = torch.zeros(shape, dtype=dtype, device=ids.device)
+    # uninitialised: a position is written (prompt pass, or the step that adds it) before any
+    # query can see it, and attention reads only the positions written so far
+    keys = torch.empty(shape, dtype=dtype, device=ids.device)
+    values = torch.empty(shape, dtype=dtype, device=ids.device)
     valid = torch.zeros(ids.shape[0], total, dtype=torch.bool, device=ids.device)
     valid[:, :width] = mask.bool()
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -304,7 +306,8 @@ def decode_kv(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     pos = positions[:, -1:]
     if expand is not None:
         pick = torch.tensor(list(expand), device=ids.device)
-        keys, values, valid, pos, logits = keys[:, pick], values[:, pick], valid[pick], pos[pick], logits[pick]
+        keys, values = _take_rows(keys, pick, width), _take_rows(values, pick, width)
+        valid, pos, logits = valid[pick], pos[pick], logits[pick]
     for step in range(max_new_tokens):
         picked = (sampler.perturb(logits, active) if sampler is not None else logits).argmax(-1)
         tokens = picked.tolist()
@@ -318,12 +321,21 @@ def decode_kv(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
         valid[:, width + step] = True
         if len(still) <= 0.75 * len(active):
             keep = torch.tensor(still, device=ids.device)
-            keys, values = keys[:, keep], values[:, keep]
+            keys, values = _take_rows(keys, keep, width + step), _take_rows(values, keep, width + step)
             valid, pos, picked = valid[keep], pos[keep], picked[keep]
             active = [active[i] for i in still]
         pos = pos + 1
         logits = forward(picked[:, None], pos, width + step)
     return [row + [pad_id] * (max_new_tokens - len(row)) for row in out]
+
+
+def _take_rows(cache: torch.Tensor, rows: torch.Tensor, filled: int) -> torch.Tensor:
+    """A new ``[layers, len(rows), heads, total, head_dim]`` cache holding ``rows`` of
+    ``cache``; only the first ``filled`` positions (the ones written so far) are copied, the
+    rest is left uninitialised: every position is written before attention reads it."""
+    out = cache.new_empty((cache.shape[0], len(rows), *cache.shape[2:]))
+    out[:, :, :, :filled] = cache[:, :, :, :filled].index_select(1, rows)
+    return out
 
 
 def _qkv(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
