@@ -77,15 +77,19 @@ def test_kv_decoder_gives_exactly_what_model_generate_gives():
     assert len(lengths) > 3 and any(not s.truncated for s in ref) and any(s.truncated for s in ref)
 
 
-def test_kv_decoder_on_a_qwen2_layout_with_grouped_query_attention_and_bias(tiny_coat):
+def tiny_qwen2(vocab_size: int):
+    """A random tiny Qwen2: grouped-query attention, biased q/k/v projections, untied head."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok = load_tokenizer(tiny_coat)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=500.0, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0, tie_word_embeddings=False))
+
+
+def test_kv_decoder_on_a_qwen2_layout_with_grouped_query_attention_and_bias(tiny_coat):
+    tok = load_tokenizer(tiny_coat)
+    model = tiny_qwen2(len(tok)).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     prompts = ["Problem: Ana has 3 apples.\nSolution:\n", "Q\n", "Problem: Ben has 12 coins and finds 7 more.\n"]
     first = generate(model, tok, prompts, max_new_tokens=12, engine="hf")
@@ -148,13 +152,7 @@ def test_shared_prompt_logprobs_equal_token_logprobs_and_their_gradients():
 
 
 def test_shared_prompt_logprobs_on_a_qwen2_layout(tiny_coat):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tok = load_tokenizer(tiny_coat)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=500.0, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(cfg)
+    model = tiny_qwen2(len(tok))
     _shared_prompt_matches_token_logprobs(model, tok, ["Problem: Ana has 3 apples.\nSolution:\n", "Q\n"], n=2,
                                           temperature=1.0)
