@@ -85,17 +85,26 @@ def metric_value(metrics: dict[str, Any], path: str) -> float | None:
     changed correctness: ``compute_metrics`` writes 0.0 there, which would read as a
     measurement.
     """
-    node: Any = metrics
-    parent: Any = None
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        parent, node = node, node[key]
+    *head, last = path.split(".")
+    parent = node_at(metrics, head)
+    if not isinstance(parent, dict) or last not in parent:
+        return None
+    node = parent[last]
     if path.endswith("_share") and "counts" in parent:
         counts = parent["counts"]
         if counts.get("F->T", 0) + counts.get("T->F", 0) == 0:
             return None
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def node_at(metrics: Any, keys: list[str]) -> Any:
+    """``metrics[k1][k2]...`` for ``keys``, or None when a key is missing."""
+    node = metrics
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
 
 
 def seed_values(results: dict[str, Any], model: str, split: str, path: str) -> list[float]:
@@ -183,14 +192,11 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
 
 def changed_answers(results: dict[str, Any], model: str, split: str, path: str) -> dict[str, int]:
     """F→T and T→F counts summed over seeds, from the ``counts`` beside a ``*_share`` metric."""
-    parent = path.rsplit(".", 1)[0]
     total = {"F->T": 0, "T->F": 0}
     for seed in results.get("models", {}).get(model, {}).get("seeds", {}).values():
-        node: Any = seed.get(split) or {}
-        for key in parent.split("."):
-            node = node.get(key, {}) if isinstance(node, dict) else {}
+        counts = node_at(seed.get(split), path.split(".")[:-1] + ["counts"])
         for key in total:
-            total[key] += int(node.get("counts", {}).get(key, 0)) if isinstance(node, dict) else 0
+            total[key] += int(counts.get(key, 0)) if isinstance(counts, dict) else 0
     return total
 
 
