@@ -216,3 +216,22 @@ def test_prompt_chunks_keep_groups_together():
     chunks = prompt_chunks(b["input_ids"], b["attention_mask"], b["response_mask"], torch.arange(6), micro=3)
     assert [c.tolist() for c, _ in chunks] == [[2, 4, 0], [1, 5, 3]]  # each group by length
     assert [w for _, w in chunks] == [6, 8]
+
+
+def test_shared_prompts_apply_only_to_groups_on_unsharded_supported_models(tmp_path, tiny_coat):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from satori.rollout import load_model
+    from satori.train.ppo import shared_prompts_apply
+
+    model = load_model(tiny_coat)
+    grpo = rl_cfg(tmp_path, tiny_coat, "x", advantage="grpo", n_samples=2, rollout_batch=4)
+    plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert shared_prompts_apply(grpo, plain, model)
+    assert not shared_prompts_apply(rl_cfg(tmp_path, tiny_coat, "x"), plain, model)  # one sample per prompt
+    assert not shared_prompts_apply(rl_cfg(tmp_path, tiny_coat, "x", advantage="grpo", n_samples=2, rollout_batch=4,
+                                           share_prompt=False), plain, model)
+    for sharded in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        assert not shared_prompts_apply(grpo, SimpleNamespace(distributed_type=sharded), model)

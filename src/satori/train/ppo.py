@@ -109,7 +109,7 @@ class RLConfig:
     gen_batch_size: int = 64
     share_prompt: bool = field(default=True, metadata={
         "help": "with n_samples > 1, the update runs each prompt once for its group of responses "
-                "(Llama / Qwen2 layouts; same log-probabilities and gradients, less compute)"})
+                "(Llama / Qwen2 layouts, one process or DDP; same log-probabilities and gradients, less compute)"})
     bf16: bool = False
     save_every: int = 10
     max_bad_steps: int = 5
@@ -344,7 +344,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
         acc.wait_for_everyone()
 
     on_policy = single_update(cfg, ref is not None)
-    share_prompts = cfg.share_prompt and cfg.n_samples > 1 and shared_prompt_supported(acc.unwrap_model(policy))
+    share_prompts = shared_prompts_apply(cfg, acc, acc.unwrap_model(policy))
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
             # ---- 1. initial states of this step; this process's share
@@ -461,6 +461,17 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
                                              "seconds": round(time.time() - t0, 2), "bad_steps": bad_steps})
     acc.wait_for_everyone()
     return result
+
+
+def shared_prompts_apply(cfg: RLConfig, acc: Any, model: Any) -> bool:
+    """Whether the update runs each prompt once for its group (``cfg.share_prompt``): only with
+    groups (``n_samples > 1``), a supported layout, and one process or plain DDP. DeepSpeed
+    and FSDP shard the parameters and gather them in the wrapper's own forward, which the
+    shared pass does not call, so they keep the plain pass."""
+    from accelerate.utils import DistributedType
+
+    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    return cfg.share_prompt and cfg.n_samples > 1 and not sharded and shared_prompt_supported(model)
 
 
 def single_update(cfg: RLConfig, has_ref: bool) -> bool:
