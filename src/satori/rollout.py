@@ -405,17 +405,7 @@ def token_logprobs(
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=return_hidden, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    target = input_ids[:, 1:]
-    logp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logz
-    result = {"logp": logp}
-    if return_entropy:  # for logging only (entropy_grad=False): no graph over [B, L, vocab]
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            lg, lz = (logits, logz) if entropy_grad else (logits.detach(), logz.detach())
-            result["entropy"] = lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)
+    result = _score(out.logits[:, :-1], input_ids[:, 1:], temperature, return_entropy, entropy_grad)
     if return_hidden:
         result["hidden"] = out.hidden_states[-1]
     return result
@@ -488,18 +478,25 @@ def shared_prompt_logprobs(
             q, k, v = _qkv(layer, h, cos, sin, head_dim)
             h = _attend(layer, h, q, torch.cat([pk[pick_t], k], dim=2), torch.cat([pv[pick_t], v], dim=2), mask)
         logits = torch.cat([logits, model.lm_head(inner.norm(h))], dim=1)
+    scored = _score(logits, r_ids, temperature, return_entropy, entropy_grad)  # [B, span]: response token j
+    # back to the rows' layout: position t scores token t + 1 = response token t + 1 - prompt_len
+    cols = (torch.arange(input_ids.shape[1] - 1, device=device)[None] + 1 - starts[:, None]).clamp(0, span - 1)
+    return {key: value.gather(1, cols) for key, value in scored.items()}
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool,
+           entropy_grad: bool) -> dict[str, torch.Tensor]:
+    """``{"logp"}`` of ``targets`` under ``softmax(logits / T)`` (and ``"entropy"`` on request;
+    for logging only with ``entropy_grad=False``: no graph over ``[B, L, vocab]``)."""
     logits = logits.float()
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) - logz  # [B, span]: response token j
-    # back to the rows' layout: position t scores token t + 1 = response token t + 1 - prompt_len
-    cols = (torch.arange(input_ids.shape[1] - 1, device=device)[None] + 1 - starts[:, None]).clamp(0, span - 1)
-    result = {"logp": logp.gather(1, cols)}
-    if return_entropy:  # for logging only (entropy_grad=False): no graph over [B, span, vocab]
+    result = {"logp": logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz}
+    if return_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             lg, lz = (logits, logz) if entropy_grad else (logits.detach(), logz.detach())
-            result["entropy"] = (lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)).gather(1, cols)
+            result["entropy"] = lz - (torch.softmax(lg, dim=-1) * lg).sum(-1)
     return result
 
 

@@ -228,8 +228,18 @@ def length_chunks(attn: torch.Tensor, rows: torch.Tensor, micro: int) -> list[tu
     ``micro``: ``(row indices, width)`` pairs, ``width`` the longest row of the chunk (its
     columns past that are padding in every row)."""
     lengths = attn[rows].sum(1)
-    order = rows[lengths.argsort(stable=True)]
+    return _cut(rows[lengths.argsort(stable=True)], attn, micro)
+
+
+def _cut(order: torch.Tensor, attn: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, int]]:
+    """``order`` cut into micro-batches of ``micro`` rows, each with its longest row's length."""
     return [(order[i: i + micro], int(attn[order[i: i + micro]].sum(1).max())) for i in range(0, len(order), micro)]
+
+
+def prompt_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Prompt length of each row: its first response token sits at column ``prompt_len``,
+    scored at ``response_mask`` column ``prompt_len - 1``."""
+    return (response_mask > 0).float().argmax(1) + 1
 
 
 def prompt_chunks(ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor, rows: torch.Tensor,
@@ -237,13 +247,11 @@ def prompt_chunks(ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Te
     """Like :func:`length_chunks`, but the rows that share a prompt (the tokens before their
     response) are kept together, by length within a group, so that a micro-batch of a
     group-sampled rollout holds whole groups (:func:`satori.rollout.shared_prompt_logprobs`)."""
-    prompt_lens = (response_mask[rows] > 0).float().argmax(1) + 1
     groups: dict[tuple[int, ...], int] = {}
     group = [groups.setdefault(tuple(ids[r, :p].tolist()), len(groups))
-             for r, p in zip(rows.tolist(), prompt_lens.tolist())]
+             for r, p in zip(rows.tolist(), prompt_lengths(response_mask[rows]).tolist())]
     lengths = attn[rows].sum(1).tolist()
-    order = rows[sorted(range(len(group)), key=lambda i: (group[i], lengths[i]))]
-    return [(order[i: i + micro], int(attn[order[i: i + micro]].sum(1).max())) for i in range(0, len(order), micro)]
+    return _cut(rows[sorted(range(len(group)), key=lambda i: (group[i], lengths[i]))], attn, micro)
 
 
 def values_of(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -591,8 +599,7 @@ def _policy_micro_step(cfg: RLConfig, acc: Any, policy: Any, rollout: dict[str, 
     kw = dict(temperature=cfg.temperature, return_entropy=True, entropy_grad=cfg.entropy_coef > 0)
     with (nullcontext() if last and not share_prompt else acc.no_sync(policy)), autocast(cfg.bf16):
         if share_prompt:
-            prompt_lens = ((m > 0).float().argmax(1) + 1).tolist()
-            out = shared_prompt_logprobs(acc.unwrap_model(policy), ids, attn, prompt_lens, **kw)
+            out = shared_prompt_logprobs(acc.unwrap_model(policy), ids, attn, prompt_lengths(m).tolist(), **kw)
         else:
             out = token_logprobs(policy, ids, attn, **kw)
         logp = out["logp"].float()
