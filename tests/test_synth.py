@@ -25,7 +25,7 @@ from satori.synth import agents as ag
 from satori.synth import trajectory as tj
 from satori.synth.pipeline import Agents, _select, prepare_agents, run_llm_critic, shipped_base_model
 from satori.train.orm import load_orm, score_sequences
-from satori.testbed.checker import check_steps
+from satori.testbed.checker import check_steps, correct_step_text
 from satori.testbed.tasks import make_problems
 from endpoint import LocalEndpoint
 
@@ -93,11 +93,11 @@ def test_rule_correction_names_step_and_gives_corrected_step(problems):
     good = _steps(p.solution)[1]
     assert fb.kind == "correct" and fb.after == 2 and fb.keep == 1 and not fb.complete
     assert "step 2" in fb.reflect.lower() and found.rsplit("= ", 1)[1] in fb.reflect
-    truth = good.rsplit("= ", 1)[1]
-    assert f"is {truth}, not" in fb.reflect  # says what the arithmetic really gives
+    # what the line has is quoted first, then the step redone from the question
+    assert fb.reflect.index(found.rsplit(". ", 1)[-1]) < fb.reflect.index(correct_step_text(p, 2))
     assert fb.explore == good  # the hint is the corrected step, "Step 2: ..."
-    reflections = {ag.rule_correction(p, tj.line_texts(traj), key=f"k{i}").reflect for i in range(16)}
-    assert len(reflections) == len(ag.WRONG_TEMPLATES)  # every template is used, all name the step
+    reflections = {ag.rule_correction(p, tj.line_texts(traj), key=f"k{i}").reflect for i in range(64)}
+    assert len(reflections) == len(ag.OPENINGS) * len(ag.WRONG_VERDICTS)  # every wording is used
     assert all("step 2" in r.lower() and ": T" not in r and r.endswith(".") for r in reflections)
 
     for position in ("step", "end"):
@@ -153,10 +153,9 @@ def test_rule_verification_rederives_a_step(problems):
     for key in ("v0", "v1", "v2", "v3", "v4"):
         fb = ag.rule_verification(p, texts, key, last_ok=False)
         assert fb.kind == "verify" and 1 <= fb.after < len(texts)
-        assert f"step {fb.after}" in fb.reflect
-        a, op, b, _, c = texts[fb.after - 1].split("\n")[0].split()[-5:]
-        inverse = {"+": "-", "-": "+", "*": "/", "/": "*"}[op]
-        assert f"{c} {inverse} {b} = {a}" in fb.reflect or f"{c} {inverse} {a} = {b}" in fb.reflect
+        assert f"step {fb.after}" in fb.reflect and correct_step_text(p, fb.after) in fb.reflect
+        result = correct_step_text(p, fb.after).rsplit("= ", 1)[1]
+        assert any(v.format(k=fb.after, c=result) in fb.reflect for v in ag.RIGHT_VERDICTS)
     new, complete = tj.apply_feedback(traj, fb, "end", answer=p.answer)
     assert complete
     text = _check_record_shape(new, "II-I")
@@ -166,6 +165,28 @@ def test_rule_verification_rederives_a_step(problems):
     assert not complete and new.line == traj.line[: fb.after]
     text = _check_record_shape(tj.extend(new, _finish(p, fb.after + 1)), "II-I")
     assert check_steps(p, text).first_wrong_step is None
+
+
+def test_step_check_quotes_the_line_and_redoes_the_step_before_the_verdict(problems):
+    p = _level(problems, 4)
+    right = correct_step_text(p, 3)
+    op, operand = p.meta["ops"][2]
+    redo = f"The problem says to {ag._VERB[op]} {operand}: {right}."
+    result = right.rsplit("= ", 1)[1]
+    openings = {}
+    for wrong, found in ((False, right), (True, "9 + 9 = 99"), (True, right.replace("=", "+ 0 ="))):
+        texts = [ag.step_check(p, 3, found, wrong, f"k{i}") for i in range(32)]
+        compared = (found, right) if found.endswith(f"= {result}") else ("99", result)
+        for text in texts:
+            verdicts = [v.format(k=3, c=compared[1], found_c=compared[0]) if wrong else v.format(k=3, c=result)
+                        for v in (ag.WRONG_VERDICTS if wrong else ag.RIGHT_VERDICTS)]
+            said = [v for v in verdicts if v in text]
+            assert len(said) == 1  # exactly one verdict, and it is the step checker's
+            assert text.index(f"Step 3 has {found}.") < text.index(redo) < text.index(said[0])
+        openings[found] = {t[: t.index("Step 3 has")].strip() for t in texts}
+    # the opening does not give the verdict away: right and wrong checks open the same ways
+    assert len({frozenset(o) for o in openings.values()}) == 1
+    assert openings[right] == {o.format(k=3) for o in ag.OPENINGS}
 
 
 def test_every_type_is_assembled_and_labelled(problems):

@@ -24,7 +24,7 @@ from satori.testbed.checker import (
     verify_step,
 )
 from satori.testbed.model import build_model, build_tokenizer
-from satori.testbed.pretrain import PretrainConfig, lr_at, make_batch, pretrain
+from satori.testbed.pretrain import CHECK_CUE, PretrainConfig, checking_text, lr_at, make_batch, pretrain
 from satori.testbed.tasks import (
     MAX_VALUE,
     MIN_VALUE,
@@ -376,6 +376,32 @@ def test_make_batch_masks_prompt_and_padding():
     assert ids[1].tolist() == [9, 10, 11, 1, 1, 1, 1, 1]
     assert labels[0].tolist() == [-100, -100, 7, 8] + [-100] * 4
     assert labels[1].tolist() == [-100, 10, 11] + [-100] * 5
+
+
+def test_checking_exercise_checks_mid_solution_and_goes_on_right():
+    rng = random.Random(0)
+    kinds = set()
+    for problem in make_problems("train", 200, seed=3):
+        prompt, response = checking_text(problem, rng)
+        assert prompt.startswith(plain_prompt(problem.question)) and prompt.endswith(CHECK_CUE)
+        steps = prompt[len(plain_prompt(problem.question)) : -len(CHECK_CUE)].split("\n\n")
+        cut, n = len(steps), problem.meta["level"]
+        prefix = check_steps(problem, "\n\n".join(steps))
+        wrong = prefix.first_wrong_step if (prefix.first_wrong_step or n + 1) <= prefix.n_steps else None
+        assert wrong in (None, cut)  # cut at the first wrong step, if any
+        verdict = response.split("\n\n")[0]
+        kept = steps[:-1] if wrong else steps
+        if wrong or cut < n:  # the rest begins at the redone step or the next one
+            assert response.count(f"Step {len(kept) + 1}:") == 1
+            rest = response[response.index(f"Step {len(kept) + 1}:") :]
+        else:
+            rest = ""
+        line = check_steps(problem, "\n\n".join(kept + [rest] if rest else kept))
+        assert line.first_wrong_step is None and line.n_steps == n and line.final_correct
+        if wrong:
+            assert f"step {cut}" in verdict.lower()
+        kinds.add(("wrong" if wrong else "right", cut < n))
+    assert kinds == {("wrong", True), ("wrong", False), ("right", True), ("right", False)}
 
 
 TINY = {

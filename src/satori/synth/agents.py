@@ -4,10 +4,11 @@ Critics judge the line of reasoning of a trajectory (see :mod:`satori.synth.traj
 
 - :func:`rule_correction` / :func:`rule_verification` (testbed): built on the exact step
   checker. For a wrong line it names the first wrong step and what is wrong
-  (``<|reflect|>``) and gives the corrected step as the hint (``<|explore|>``:
+  (``<|reflect|>``: the step redone from the question, then what the line has instead)
+  and gives the corrected step as the hint (``<|explore|>``:
   ``Step k: <restated sentence> a op b = c`` in the generator's own format, plus the answer
   line when ``k`` is the last step, so the trajectory is complete). For a correct line it
-  re-derives an intermediate step backwards (``<|reflect|>``). Wording comes from several
+  redoes an intermediate step and finds it matches (``<|reflect|>``). Wording comes from several
   templates, chosen by a deterministic key.
 - :func:`critic_prompt` / :func:`parse_critic_reply`: the prompt of an LLM critic (it sees
   the problem, the reference solution and the numbered candidate steps) and a tolerant
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from fractions import Fraction
 from typing import Sequence
 
 
@@ -46,14 +46,19 @@ def unit(key: str) -> float:
 # --------------------------------------------------------------------------- rule critic
 
 _VERB = {"+": "add", "-": "subtract", "*": "multiply by", "/": "divide by"}
-_INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
-WRONG_TEMPLATES = (
-    "Wait, step {k} is wrong: {found}. {why_cap}.",
-    "Hmm, let me check step {k}. {found} is incorrect: {why}.",
-    "Wait, let me check step {k}. I made a mistake: {why}.",
-    "Let me verify step {k}: {found} is wrong because {why}.",
-)
+#: How the rule critic checks a step: it first quotes what the line has, then redoes the
+#: step from the question (the operation and the previous result), and only then gives the
+#: verdict, comparing the two results it has just written. A small model imitating
+#: these checks decides "right" or "wrong" by comparing two adjacent numbers, instead of
+#: committing to a verdict before working anything out. The openings do not give the
+#: verdict away.
+OPENINGS = ("Let me check step {k}.", "Wait, let me check step {k}.", "Let me verify step {k}.",
+            "Let me double-check step {k}.")
+REDO = "Step {k} has {found}. The problem says to {verb} {operand}: {equation}."
+WRONG_VERDICTS = ("{found_c} is not {c}, so step {k} is wrong.", "{found_c} is not {c}: step {k} is a mistake.")
+RIGHT_VERDICTS = ("That matches, so step {k} is right.", "It gives {c} too, so step {k} is correct.")
+EXTRA_STEP = "Wait, step {k} is wrong: {found}. There is no step {k}, the problem has only {n} operations."
 MISSING_TEMPLATES = (
     "Wait, the solution stops too early: step {k} is missing. {why_cap}.",
     "Hmm, let me check the steps. Step {k} is missing: {why}.",
@@ -62,42 +67,31 @@ FINAL_TEMPLATES = (
     "Wait, the steps are correct but the final answer is not: it should be the result of step {n}, {value}.",
     "Hmm, let me check the answer. The last step gives {value}, so the answer {found} is wrong.",
 )
-VERIFY_TEMPLATES = (
-    "Let me verify step {j}: {inverse}, so {eq} is correct.",
-    "Wait, let me check step {j}. {inverse_cap}, so {eq} is right.",
-    "Let me double-check the calculation in step {j}: {eq}. Indeed {inverse}. This step is correct.",
-    "Let me verify step {j} by working backwards: {inverse}. The calculation is correct.",
-)
 
 
-def _num(x: Fraction) -> str:
-    return str(x.numerator) if x.denominator == 1 else f"{float(x):g}"
-
-
-def _why(reason: str, found: str, k: int, n_ops: int, prev: int, op: str, operand: int) -> str:
-    """What is wrong with a step, as a sentence fragment."""
-    eq = parse_equation(found)
-    if reason == "extra step":
-        return f"there is no step {k}, the problem has only {n_ops} operations"
-    if reason == "wrong arithmetic" and eq is not None:
-        true = {"+": eq.a + eq.b, "-": eq.a - eq.b, "*": eq.a * eq.b, "/": eq.a / eq.b if eq.b else None}[eq.op]
-        if true is not None:
-            return f"{_num(eq.a)} {eq.op} {_num(eq.b)} is {_num(true)}, not {_num(eq.c)}"
-    if reason.startswith("wrong operand") and eq is not None:
-        return f"the problem says to {_VERB[op]} {operand}, not {_num(eq.b)}"
-    if reason.startswith("wrong previous value"):
-        source = "the number we start with" if k == 1 else f"the result of step {k - 1}"
-        return f"it should start from {prev}, {source}"
-    if reason.startswith("wrong operation") and eq is not None:
-        return f"the problem says to {_VERB[op]} {operand}, not to {_VERB[eq.op]} {_num(eq.b)}"
-    return f"it should be {_VERB[op]} {operand} starting from {prev}"
+def step_check(problem: Problem, k: int, found: str, wrong: bool, key: str) -> str:
+    """The critic's check of step ``k`` (1-based) whose equation in the line is ``found``:
+    an opening, ``found`` quoted, the step redone from the question, then the verdict
+    (``wrong`` is the step checker's). Wording is chosen deterministically from ``key``."""
+    _, ops = ground_truth(problem)
+    op, operand = ops[k - 1]
+    right = correct_step_text(problem, k)
+    c, found_c = right.rsplit("= ", 1)[1], found.rsplit("= ", 1)[-1]
+    if wrong and c == found_c:  # a wrong step with the right result: compare the equations
+        c, found_c = right, found
+    verdicts = WRONG_VERDICTS if wrong else RIGHT_VERDICTS
+    return " ".join((
+        OPENINGS[pick(key + "/open", len(OPENINGS))].format(k=k),
+        REDO.format(verb=_VERB[op], operand=operand, equation=right, k=k, found=found),
+        verdicts[pick(key + "/verdict", len(verdicts))].format(k=k, found_c=found_c, c=c),
+    ))
 
 
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _first_wrong_position(problem: Problem, texts: Sequence[str]):
+def first_wrong_position(problem: Problem, texts: Sequence[str]):
     """``(m, check)``: the first line position whose prefix contains a wrong equation, and
     the checker's verdict on that prefix; ``(None, check of the whole line)`` if none does."""
     for m in range(1, len(texts) + 1):
@@ -114,7 +108,7 @@ def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedbac
     """
     start, ops = ground_truth(problem)
     n_ops = len(ops)
-    m, c = _first_wrong_position(problem, texts)
+    m, c = first_wrong_position(problem, texts)
     gold = problem.answer
     if m is None:
         if c.first_wrong_step is None:
@@ -136,18 +130,10 @@ def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedbac
     k = c.first_wrong_step
     found = c.found[k - 1]
     if k > n_ops:  # an extra step after a complete, correct line
-        why = _why("extra step", found, k, n_ops, 0, "+", 0)
-        reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
-            k=k, found=found, why_cap=_cap(why), why=why)
-        return Feedback("correct", after=m, keep=m - 1, reflect=reflect,
+        return Feedback("correct", after=m, keep=m - 1, reflect=EXTRA_STEP.format(k=k, found=found, n=n_ops),
                         explore=f"The answer is \\boxed{{{gold}}}.", complete=True)
-    values = chain_values(start, ops)
-    op, operand = ops[k - 1]
-    why = _why(c.reason, found, k, n_ops, values[k - 1], op, operand)
-    reflect = WRONG_TEMPLATES[pick(key + "/t", len(WRONG_TEMPLATES))].format(
-        k=k, found=found, why_cap=_cap(why), why=why)
-    return Feedback("correct", after=m, keep=m - 1, reflect=reflect, explore=_redo(problem, k, n_ops),
-                    complete=k == n_ops)
+    return Feedback("correct", after=m, keep=m - 1, reflect=step_check(problem, k, found, True, key),
+                    explore=_redo(problem, k, n_ops), complete=k == n_ops)
 
 
 def _redo(problem: Problem, k: int, n_ops: int) -> str:
@@ -162,13 +148,13 @@ def _redo(problem: Problem, k: int, n_ops: int) -> str:
 
 
 def rule_verification(problem: Problem, texts: Sequence[str], key: str, last_ok: bool) -> Feedback | None:
-    """A one-line verification of an intermediate step of a correct line.
+    """A check of an intermediate step of a correct line that finds it right.
 
     The step is chosen (deterministically from ``key``) among the steps holding an equation
     that checks out (those before the first wrong one, if any), excluding the last unless
     ``last_ok``; None if there is none.
     """
-    first_wrong, _ = _first_wrong_position(problem, texts)
+    first_wrong, _ = first_wrong_position(problem, texts)
     right = texts if first_wrong is None else texts[: first_wrong - 1]
     candidates = [j for j, t in enumerate(right, 1) if parse_equation(t) is not None]
     if not last_ok:
@@ -176,14 +162,8 @@ def rule_verification(problem: Problem, texts: Sequence[str], key: str, last_ok:
     if not candidates:
         return None
     j = candidates[pick(key + "/j", len(candidates))]
-    eq = parse_equation(texts[j - 1])
-    a, b, c = _num(eq.a), _num(eq.b), _num(eq.c)
-    inverse = f"{c} {_INVERSE[eq.op]} {b} = {a}"
-    if eq.op in "+*" and pick(key + "/swap", 2):
-        inverse = f"{c} {_INVERSE[eq.op]} {a} = {b}"
-    text = VERIFY_TEMPLATES[pick(key + "/t", len(VERIFY_TEMPLATES))].format(
-        j=j, inverse=inverse, inverse_cap=_cap(inverse), eq=f"{a} {eq.op} {b} = {c}")
-    return Feedback("verify", after=j, reflect=text)
+    found = parse_equation(texts[j - 1]).text
+    return Feedback("verify", after=j, reflect=step_check(problem, j, found, False, key))
 
 
 # --------------------------------------------------------------------------- LLM critic

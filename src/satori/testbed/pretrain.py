@@ -4,10 +4,11 @@ Trains the tokenizer and a tiny Llama on ``plain_prompt(question) + solution + e
 solution is the reference solution with arithmetic errors injected at ``error_rate`` per step
 (fresh errors every epoch), with the loss on the response tokens only. A share
 ``check_fraction`` of the examples are *checking exercises* instead: a solution (wrong half
-the time) followed by ``Check:`` and the rule critic's one-line verdict on it. A real base
-model has read plenty of people checking their work; these give the testbed base model the
-critic's language (so format tuning can teach *when* to reflect rather than a new
-vocabulary), while its own solutions never contain a check. The short budget leaves
+the time) cut after a step, ``Check:``, the rule critic's verdict on the line so far (with
+the wrong step redone), and the rest of the solution done right. A real base model has read
+plenty of people checking their work as they go; these give the testbed base model the
+critic's language and a use for it (so format tuning can teach *when* to reflect rather
+than a new vocabulary), while its own solutions never contain a check. The short budget leaves
 the model an imperfect reasoner, the stand-in for a pretrained base model such as
 Qwen2.5-Math-7B. The result (model, tokenizer, ``build_info.json``) is written to a temporary
 directory and renamed into place.
@@ -34,7 +35,7 @@ from satori import __version__
 from satori.data import Problem, plain_prompt
 from satori.errors import SatoriError
 from satori.testbed import tasks
-from satori.testbed.checker import check_steps, split_steps
+from satori.testbed.checker import check_steps, parse_equation, split_steps
 from satori.testbed.model import build_model, build_tokenizer, count_parameters
 from satori.testbed.tasks import make_problems, reference_solution
 
@@ -94,18 +95,31 @@ CHECK_CUE = "\n\nCheck:\n"
 
 
 def checking_text(problem: Problem, rng: random.Random) -> tuple[str, str]:
-    """``(prompt, response)`` of a checking exercise: a solution of ``problem`` (with one or
-    more wrong steps half the time) then the rule critic's check: the first wrong step, why,
-    and the step redone; or, for a right solution, the verification of one of its steps."""
+    """``(prompt, response)`` of a checking exercise, a solution checked as it is written.
+
+    The prompt is a solution of ``problem`` (with wrong steps half the time) cut after one of
+    its steps: the first wrong one if there is one, else a random one, and the check cue.
+    The response is the rule critic's check of that step
+    (:func:`satori.synth.agents.step_check`: the step redone from the question, then the
+    verdict), the corrected step if it was wrong, and then the rest of the solution, done
+    right. So the base model has read checks made in the middle of a solution that change
+    how it goes on, as a real base model has.
+    """
     from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
 
     solution = reference_solution(problem, 0.35 if rng.random() < 0.5 else 0.0, rng)
     texts = [text for _, text in split_steps(solution)]
+    right = [text for _, text in split_steps(reference_solution(problem))]
     key = f"pretrain/{problem.id}/{rng.random()}"
-    feedback = agents.rule_correction(problem, texts, key) or agents.rule_verification(
-        problem, texts, key, last_ok=True)
-    response = feedback.reflect + (f" {feedback.explore}" if feedback.explore else "")
-    return plain_prompt(problem.question) + solution + CHECK_CUE, response
+    wrong, _ = agents.first_wrong_position(problem, texts)
+    cut = wrong if wrong is not None else rng.randint(1, len(texts))
+    if wrong is not None:
+        feedback = agents.rule_correction(problem, texts[:cut], key)
+        check = f"{feedback.reflect} {feedback.explore}"
+    else:
+        check = agents.step_check(problem, cut, parse_equation(texts[cut - 1]).text, False, key)
+    response = "\n\n".join([check, *right[cut:]])
+    return plain_prompt(problem.question) + "\n\n".join(texts[:cut]) + CHECK_CUE, response
 
 
 def encode_examples(
