@@ -24,7 +24,15 @@ from satori.testbed.checker import (
     verify_step,
 )
 from satori.testbed.model import build_model, build_tokenizer
-from satori.testbed.pretrain import CHECK_CUE, PretrainConfig, checking_text, lr_at, make_batch, pretrain
+from satori.testbed.pretrain import (
+    CHECK_CUE,
+    PretrainConfig,
+    checked_line,
+    checking_text,
+    lr_at,
+    make_batch,
+    pretrain,
+)
 from satori.testbed.tasks import (
     MAX_VALUE,
     MIN_VALUE,
@@ -404,6 +412,21 @@ def test_checking_exercise_checks_mid_solution_and_goes_on_right():
     assert kinds == {("wrong", True), ("wrong", False), ("right", True), ("right", False)}
 
 
+def test_checked_line_judges_a_check_by_what_follows_it():
+    # HAND: 7 +5 -> 12, -3 -> 9, *2 -> 18, /3 -> 6
+    steps = ["Step 1: 7 + 5 = 12", "Step 2: 12 - 3 = 8"]  # wrong at step 2
+    rest = "Step 3: 9 * 2 = 18\n\nStep 4: 18 / 3 = 6\nThe answer is \\boxed{6}."
+    assert checked_line(HAND, steps, f"Step 2 is wrong. Step 2: 12 - 3 = 9\n\n{rest}") == (True, True)
+    assert checked_line(HAND, steps, "Step 2 is wrong. Step 2: 12 - 3 = 7\n\nStep 3: 7 * 2 = 14") == (True, False)
+    assert checked_line(HAND, steps, "That matches.\n\nStep 3: 8 * 2 = 16") == (False, False)
+    right = ["Step 1: 7 + 5 = 12", "Step 2: 12 - 3 = 9"]
+    assert checked_line(HAND, right, f"It is right, step 2 has 12 - 3 = 9.\n\n{rest}") == (False, True)
+    assert checked_line(HAND, right, f"Redo. Step 2: 12 - 3 = 9\n\n{rest}") == (True, True)
+    assert checked_line(HAND, right, "It is right.") == (False, False)  # stops: not a solution
+    done = right + [rest.split("\n\n")[0], rest.split("\n\n")[1]]
+    assert checked_line(HAND, done, "It is right.") == (False, True)
+
+
 TINY = {
     "model_size": "tiny",
     "steps": 3,
@@ -435,6 +458,9 @@ def test_tiny_pretrain_is_deterministic_and_writes_build_info(tmp_path):
         and "satori_version" in info
         and "seconds" in info
     )
+    checks = info["valid"]["checks"]
+    assert checks["wrong"]["n"] + checks["right"]["n"] == TINY["n_valid"]
+    assert all(0.0 <= checks[k][m] <= 1.0 for k, m in (("wrong", "repaired"), ("right", "kept_right")))
     assert not (tmp_path / "a.tmp").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     AutoTokenizer.from_pretrained(tmp_path / "a")

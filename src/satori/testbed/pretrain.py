@@ -257,6 +257,51 @@ def greedy_accuracy(
     }
 
 
+def checked_line(problem: Problem, steps: list[str], after_check: str) -> tuple[bool, bool]:
+    """How a check made after ``steps`` (a line cut after its last step) went, judged by
+    what the model did, not by the words of its verdict: ``(redone, right)``, whether
+    ``after_check`` writes the last step again (``Step k:``), and whether the line it leaves
+    (the kept steps, then the steps written after the check) is a complete right solution."""
+    k = len(steps)
+    redo = after_check.find(f"Step {k}:")
+    if redo >= 0:
+        line = [*steps[:-1], after_check[redo:]]
+    else:
+        goes_on = after_check.find(f"Step {k + 1}:")
+        line = steps + ([after_check[goes_on:]] if goes_on >= 0 else [])
+    check = check_steps(problem, "\n\n".join(line))
+    return redo >= 0, check.first_wrong_step is None and check.final_correct
+
+
+def check_probe(
+    model, tokenizer, problems: list[Problem], seed: int, max_new_tokens: int, batch_size: int = 128
+) -> dict[str, Any]:
+    """Can the model check its work as it goes? One checking exercise per problem (its
+    prompt only: a line cut after a step, the first wrong one if any, and ``Check:``),
+    greedy continuation, judged by :func:`checked_line`. ``wrong`` lines: how often the
+    step is redone, and redone with the line then right (``repaired``); ``right`` lines: how
+    often the step is kept and the line finished right (``kept_right``)."""
+    rng = random.Random(f"{seed}/check-probe")
+    cases = []
+    for p in problems:
+        prompt, _ = checking_text(p, rng)
+        steps = prompt[len(plain_prompt(p.question)) : -len(CHECK_CUE)].split("\n\n")
+        c = check_steps(p, "\n\n".join(steps))
+        cases.append((p, prompt, steps, c.first_wrong_step is not None and c.first_wrong_step <= c.n_steps))
+    outs = generate(model, tokenizer, [prompt for _, prompt, _, _ in cases], max_new_tokens, batch_size)
+    tally = {kind: defaultdict(int) for kind in ("wrong", "right")}
+    for (p, _, steps, wrong), out in zip(cases, outs):
+        redone, right = checked_line(p, steps, out)
+        t = tally["wrong" if wrong else "right"]
+        t["n"] += 1
+        t["redone"] += redone
+        t["repaired" if wrong else "kept_right"] += redone == wrong and right
+    return {
+        kind: {"n": t["n"], **{k: v / max(1, t["n"]) for k, v in t.items() if k != "n"}}
+        for kind, t in tally.items()
+    }
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``, replacing an existing ``out`` (old copy removed last)."""
     old = out.with_name(out.name + ".old")
@@ -369,6 +414,10 @@ def pretrain(
     t0 = time.perf_counter()
     evaluation = greedy_accuracy(
         model, tokenizer, valid, cfg.max_new_tokens, cfg.eval_batch_size
+    )
+    # room for a check and then the rest of a solution
+    evaluation["checks"] = check_probe(
+        model, tokenizer, valid, cfg.seed, 2 * cfg.max_new_tokens, cfg.eval_batch_size
     )
     t_eval = time.perf_counter() - t0
 
