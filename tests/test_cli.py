@@ -71,3 +71,14 @@ def test_eval_writes_results(tmp_path, capsys, tiny_coat):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "satori.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "eval" in out.stdout and "grade" in out.stdout
+
+
+def test_testbed_probe(tmp_path, capsys, tiny_base):
+    code, out, _ = run(capsys, "testbed", "probe", "--model", str(tiny_base), "--n", "6", "--max-new-tokens", "8")
+    result = json.loads(out[out.index("{"):])
+    checks = result["checks"]
+    assert code == 0 and result["n"] == 6 and checks["wrong"]["n"] + checks["right"]["n"] == 6
+    # an untrained model neither solves a problem nor repairs a wrong step
+    assert result["accuracy"] == 0 and checks["wrong"]["repaired"] == 0
+    code, _, err = run(capsys, "testbed", "probe", "--model", str(tmp_path / "none"))
+    assert code == 2 and "model:" in err and "none" in err and len(err.strip().splitlines()) == 1

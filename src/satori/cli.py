@@ -86,7 +86,7 @@ def _cmd_run(cfg: Any, args: argparse.Namespace) -> None:
 def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], None], str, Callable | None]]:
     """name -> (config class, runner, help, extra-argument adder)."""
     from satori.evaluate import EvalConfig
-    from satori.testbed.pretrain import PretrainConfig
+    from satori.testbed.pretrain import PretrainConfig, ProbeConfig, probe
     from satori.rae import RAEConfig, run_rae
     from satori.synth.pipeline import SynthConfig, run_synth
     from satori.train.distill import DistillConfig, run_distill
@@ -113,6 +113,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
         "eval": (EvalConfig, _cmd_eval, "evaluate a model: pass@1, maj@k, per level, COAT behaviour", None),
         "testbed pretrain": (PretrainConfig, _cmd_pretrain, "train the testbed base model from scratch",
                              pretrain_args),
+        "testbed probe": (ProbeConfig, _print_result(probe), "a testbed model's greedy accuracy and whether it "
+                          "can check a step as it goes (redo a wrong one, keep a right one)", None),
         "synth": (SynthConfig, _print_result(run_synth), "stage 1: synthesise COAT demonstrations "
                   "(generator, critic, selector)", None),
         "sft": (SFTConfig, _print_result(run_sft), "supervised fine-tuning: format tuning, distillation, "

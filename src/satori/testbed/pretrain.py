@@ -289,7 +289,8 @@ def check_probe(
         c = check_steps(p, "\n\n".join(steps))
         cases.append((p, prompt, steps, c.first_wrong_step is not None and c.first_wrong_step <= c.n_steps))
     outs = generate(model, tokenizer, [prompt for _, prompt, _, _ in cases], max_new_tokens, batch_size)
-    tally = {kind: defaultdict(int) for kind in ("wrong", "right")}
+    tally = {"wrong": dict.fromkeys(("n", "redone", "repaired"), 0),
+             "right": dict.fromkeys(("n", "redone", "kept_right"), 0)}
     for (p, _, steps, wrong), out in zip(cases, outs):
         redone, right = checked_line(p, steps, out)
         t = tally["wrong" if wrong else "right"]
@@ -300,6 +301,41 @@ def check_probe(
         kind: {"n": t["n"], **{k: v / max(1, t["n"]) for k, v in t.items() if k != "n"}}
         for kind, t in tally.items()
     }
+
+
+@dataclass
+class ProbeConfig:
+    """``satori testbed probe``: what a testbed model does on held-out problems, measured the
+    way :func:`pretrain` records it (greedy accuracy and :func:`check_probe`)."""
+
+    model: str = ""  # a model folder; empty: the shipped base model
+    n: int = 256  # valid problems
+    seed: int = 0  # of the problems and of the checking exercises (a build's own seed)
+    max_new_tokens: int = 192
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        for name in ("n", "max_new_tokens", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise SatoriError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.model and not (Path(self.model) / "config.json").is_file():
+            raise SatoriError(f"model: {self.model} is not a model folder (no config.json)")
+
+
+def probe(cfg: ProbeConfig) -> dict[str, Any]:
+    """Greedy accuracy and the check probe of ``cfg.model`` on ``cfg.n`` valid problems."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from satori.testbed import BASE_MODEL_DIR
+
+    cfg.validate()
+    path = cfg.model or str(BASE_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    valid = make_problems("valid", cfg.n, seed=cfg.seed)
+    result = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.batch_size)
+    result["checks"] = check_probe(model, tokenizer, valid, cfg.seed, cfg.max_new_tokens, cfg.batch_size)
+    return {"model": path, **result}
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
