@@ -281,13 +281,14 @@ def check_probe(
     greedy continuation, judged by :func:`checked_line`. ``wrong`` lines: how often the
     step is redone, and redone with the line then right (``repaired``); ``right`` lines: how
     often the step is kept and the line finished right (``kept_right``)."""
+    from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
+
     rng = random.Random(f"{seed}/check-probe")
     cases = []
     for p in problems:
         prompt, _ = checking_text(p, rng)
         steps = prompt[len(plain_prompt(p.question)) : -len(CHECK_CUE)].split("\n\n")
-        c = check_steps(p, "\n\n".join(steps))
-        cases.append((p, prompt, steps, c.first_wrong_step is not None and c.first_wrong_step <= c.n_steps))
+        cases.append((p, prompt, steps, agents.first_wrong_position(p, steps)[0] is not None))
     outs = generate(model, tokenizer, [prompt for _, prompt, _, _ in cases], max_new_tokens, batch_size)
     tally = {"wrong": dict.fromkeys(("n", "redone", "repaired"), 0),
              "right": dict.fromkeys(("n", "redone", "kept_right"), 0)}
