@@ -4,7 +4,7 @@ import pytest
 
 from satori.coat import EXPLORE, REFLECT
 from satori.data import Problem
-from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, pass_at_k, response_record
+from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, markdown_table, pass_at_k, response_record
 from satori.rollout import Sample
 
 
@@ -87,6 +87,15 @@ def test_behaviour_of_the_samples_by_hand():
     assert sampled["reflection"]["f_to_t_share"] == pytest.approx(2 / 3)
     # samples without behaviour fields (older records) give no sampled block
     assert "sampled" not in compute_metrics([rec(2, True, samples=[("1", True)])])
+
+
+def test_one_sample_per_problem_leaves_greedy_pass_at_1_alone():
+    # greedy right on both, the single sample wrong on both: pass@1 is the greedy figure
+    records = [rec(2, True, samples=[("9", False)]), rec(3, True, samples=[("9", False)])]
+    m = compute_metrics(records)
+    assert m["pass@1"] == 1.0 and m["sample_accuracy"] == 0.0 and m["maj@1"] == 0.0
+    assert m["by_level"]["2"]["pass@1"] == 1.0
+    assert "| pass@1 (greedy) | 1.000 |" in markdown_table(m) and "| sampled accuracy | 0.000 |" in markdown_table(m)
 
 
 def test_pass_at_k_and_majority():

@@ -127,7 +127,8 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError("every record must have the same number of samples")
         k = ks.pop()
         out["k"] = k
-        out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
+        if k > 1:  # a sampled pass@1 is ``sample_accuracy``: "pass@1" stays the greedy one
+            out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
         out[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), n)
         out["sample_accuracy"] = sum(sum(s["correct"] for s in r["samples"]) / k for r in records) / n
         samples = [s for r in records for s in r["samples"]]
@@ -320,7 +321,8 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
     rows = [("problems", metrics["n"]), ("pass@1 (greedy)", metrics["pass@1"])]
     if "k" in metrics:
         k = metrics["k"]
-        rows += [(f"pass@{k}", metrics[f"pass@{k}"]), (f"maj@{k}", metrics[f"maj@{k}"])]
+        rows += [(f"pass@{k}", metrics[f"pass@{k}"])] if k > 1 else [("sampled accuracy", metrics["sample_accuracy"])]
+        rows += [(f"maj@{k}", metrics[f"maj@{k}"])]
     rows += [("format compliance", metrics["format_compliance"]), ("reflect rate", metrics["reflect_rate"]),
              ("explore rate", metrics["explore_rate"]),
              ("F→T share of changed", metrics["reflection"]["f_to_t_share"]),
