@@ -235,3 +235,33 @@ def test_shared_prompts_apply_only_to_groups_on_unsharded_supported_models(tmp_p
                                            share_prompt=False), plain, model)
     for sharded in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         assert not shared_prompts_apply(grpo, SimpleNamespace(distributed_type=sharded), model)
+
+
+@pytest.fixture(scope="module")
+def shipped_coat(tmp_path_factory):
+    """The shipped testbed base model (a reasoner that is right about half the time) with the
+    COAT tokens added: a policy whose reward RL can measurably raise."""
+    from satori.coat import add_coat_tokens
+    from satori.rollout import load_model, load_tokenizer
+    from satori.testbed import BASE_MODEL_DIR
+
+    out = tmp_path_factory.mktemp("shipped_coat")
+    tok, model = load_tokenizer(BASE_MODEL_DIR), load_model(BASE_MODEL_DIR)
+    add_coat_tokens(tok, model, init="text")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("adv", ["gae", "grpo"])
+def test_rl_raises_the_reward_on_the_problems_it_trains_on(tmp_path, shipped_coat, adv):
+    # 8 problems, every step samples each one 8 times: accuracy on them must climb
+    extra = dict(n_samples=8, rollout_batch=8) if adv == "grpo" else dict(n_samples=1, rollout_batch=64,
+                                                                          critic_warmup=2)
+    cfg = rl_cfg(tmp_path, shipped_coat, adv, data={"path": "testbed:train", "n": 8}, advantage=adv, steps=10,
+                 train_batch=32, micro_batch=32, max_new_tokens=128, temperature=0.7, actor_lr=1e-4, critic_lr=1e-4,
+                 save_every=100, threads=2, **extra)
+    run_rl(cfg)
+    acc = [r["accuracy"] for r in metrics(tmp_path / adv)]
+    first, last = sum(acc[:2]) / 2, sum(acc[-3:]) / 3
+    assert last > first + 0.15, acc
