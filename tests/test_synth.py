@@ -23,13 +23,14 @@ from satori.grading import extract_answer
 from satori.synth import AgentConfig, SynthConfig, run_synth
 from satori.synth import agents as ag
 from satori.synth import trajectory as tj
-from satori.synth.pipeline import Agents, _select, prepare_agents, run_llm_critic, shipped_base_model
+from satori.synth.pipeline import Agents, _select, prepare_agents, run_llm_critic
+from satori.testbed import BASE_MODEL_DIR
 from satori.train.orm import load_orm, score_sequences
 from satori.testbed.checker import check_steps, correct_step_text
 from satori.testbed.tasks import make_problems
 from endpoint import LocalEndpoint
 
-SHIPPED = shipped_base_model()
+SHIPPED = BASE_MODEL_DIR
 HAVE_SHIPPED = (SHIPPED / "config.json").is_file()
 
 

@@ -51,6 +51,7 @@ from satori.grading import extract_answer, grade_batch
 from satori.synth import agents as ag
 from satori.synth import backends as be
 from satori.synth import trajectory as tj
+from satori.testbed import BASE_MODEL_DIR
 from satori.testbed.checker import check_steps
 from satori.testbed.tasks import has_ground_truth
 from satori.utils import atomic_write_text, set_threads, write_json
@@ -164,11 +165,6 @@ class SynthConfig:
 # --------------------------------------------------------------------------- agents
 
 
-def shipped_base_model() -> Path:
-    """Where the testbed base model ships inside the package."""
-    return Path(satori.__file__).resolve().parent / "assets" / "testbed-base"
-
-
 @dataclass
 class Agents:
     """The loaded agents of a run (models, tokenizers, HTTP clients)."""
@@ -202,7 +198,7 @@ def prepare_agents(cfg: SynthConfig, problems: list[Problem], load_models: bool 
     probes) run before any model is loaded, so a bad setting fails in seconds. With
     ``load_models=False`` only the checks run (``satori run --dry-run``).
     """
-    gen_path = cfg.generator.path or str(shipped_base_model())
+    gen_path = cfg.generator.path or str(BASE_MODEL_DIR)
     if cfg.generator.backend == "hf":
         if not cfg.generator.path and not Path(gen_path).exists():
             raise SatoriError(f"generator: no generator.path given and the shipped testbed base model is "
