@@ -37,20 +37,24 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_coat(tiny_base, tmp_path_factory) -> Path:
-    """The tiny model with the COAT tokens added (as after format tuning)."""
+def with_coat_tokens(src: Path, out: Path, init: str = "mean") -> Path:
+    """Save a copy of the model in ``src`` with the COAT tokens added (as format tuning does)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from satori.coat import add_coat_tokens
 
-    out = tmp_path_factory.mktemp("tiny_coat")
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    add_coat_tokens(tok, model)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    add_coat_tokens(tok, model, init=init)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_coat(tiny_base, tmp_path_factory) -> Path:
+    """The tiny model with the COAT tokens added (as after format tuning)."""
+    return with_coat_tokens(tiny_base, tmp_path_factory.mktemp("tiny_coat"))
 
 
 @pytest.fixture()

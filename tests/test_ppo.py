@@ -241,16 +241,10 @@ def test_shared_prompts_apply_only_to_groups_on_unsharded_supported_models(tmp_p
 def shipped_coat(tmp_path_factory):
     """The shipped testbed base model (a reasoner that is right about half the time) with the
     COAT tokens added: a policy whose reward RL can measurably raise."""
-    from satori.coat import add_coat_tokens
-    from satori.rollout import load_model, load_tokenizer
+    from conftest import with_coat_tokens
     from satori.testbed import BASE_MODEL_DIR
 
-    out = tmp_path_factory.mktemp("shipped_coat")
-    tok, model = load_tokenizer(BASE_MODEL_DIR), load_model(BASE_MODEL_DIR)
-    add_coat_tokens(tok, model, init="text")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return with_coat_tokens(BASE_MODEL_DIR, tmp_path_factory.mktemp("shipped_coat"), init="text")
 
 
 @pytest.mark.parametrize("adv", ["gae", "grpo"])
