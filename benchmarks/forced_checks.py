@@ -1,0 +1,103 @@
+"""What would checking every step earn? Greedy accuracy of a COAT model made to reflect after
+each of its steps, against its own greedy accuracy, on testbed problems.
+
+Not a speed benchmark: a diagnostic for issue 4. Whenever the model ends a step with
+``<|continue|>``, that token is replaced by ``<|reflect|>``; the model then writes its check (and,
+after ``<|explore|>``, a correction if it finds a mistake) up to its next ``<|continue|>``, which is
+kept, and goes on (``--checks K``: only after each of the first K steps). The last step (it ends
+the answer) is not checked. If forced checks do not raise accuracy, a policy that learns *when*
+to check cannot gain by checking either; if they do, the gap is what learning where to check can
+earn.
+
+    .venv/bin/python benchmarks/forced_checks.py MODEL [MODEL ...] --n 500 [--checks 1]
+
+Prints a markdown table: greedy accuracy as the model answers and with the forced checks, and
+the answers the checks changed (wrong to right, right to wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from satori.coat import CONTINUE, REFLECT, coat_token_ids
+from satori.data import build_prompt
+from satori.rollout import decode, load_model, load_tokenizer
+from satori.testbed import make_problems
+from satori.testbed.checker import check_steps
+
+SEGMENT_TOKENS = 96  # one step or one check (with its correction) is far shorter
+
+
+@torch.no_grad()
+def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -> list[list[int]]:
+    """Greedy responses (token ids) to tokenized prompts, segment by segment: a segment ends at
+    ``<|continue|>`` or the end of sequence; for the first ``checks`` steps of each response a
+    step's ``<|continue|>`` becomes ``<|reflect|>`` and the check that follows runs to the next
+    ``<|continue|>``."""
+    ids = coat_token_ids(tok)
+    cont, refl, eos, pad = ids[CONTINUE], ids[REFLECT], tok.eos_token_id, tok.pad_token_id
+    resp: list[list[int]] = [[] for _ in prompts]
+    checking = [False] * len(prompts)  # the segment being written is a forced check
+    forced = [0] * len(prompts)
+    live = list(range(len(prompts)))
+    while live:
+        seqs = [prompts[i] + resp[i] for i in live]
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                             max_new_tokens=SEGMENT_TOKENS, eos_token_id=[eos, cont])
+        still = []
+        for row, i in enumerate(live):
+            new = out[row, width:].tolist()
+            stop = next((j for j, t in enumerate(new) if t in (eos, cont)), None)
+            segment = new if stop is None else new[: stop + 1]
+            if stop is not None and segment[-1] == cont and forced[i] < checks and not checking[i]:
+                segment[-1] = refl
+                checking[i] = True
+                forced[i] += 1
+            elif stop is not None:
+                checking[i] = False
+            resp[i] += segment
+            if (stop is None or segment[-1] != eos) and len(resp[i]) < max_tokens:
+                still.append(i)
+        live = still
+    return resp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="COAT model folders (format-tuned or RL)")
+    ap.add_argument("--n", type=int, default=500, help="test problems")
+    ap.add_argument("--max-tokens", type=int, default=512, help="response length limit")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--checks", type=int, default=1000, help="checks forced per response (the first steps')")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems = make_problems("test", args.n, seed=0)
+    what = "every step" if args.checks >= 1000 else f"each of the first {args.checks} step(s)"
+    print(f"| model | greedy pass@1 | with a check after {what} | wrong → right | right → wrong |\n"
+          f"|---|---|---|---|---|")
+    for path in args.models:
+        tok, model = load_tokenizer(path), load_model(path)
+        model.eval()
+        right = {}
+        for force in (False, True):
+            right[force] = []
+            for b in range(0, len(problems), args.batch_size):
+                batch = problems[b : b + args.batch_size]
+                prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in batch]
+                for p, ids in zip(batch, answer(model, tok, prompts, args.checks if force else 0, args.max_tokens)):
+                    right[force].append(check_steps(p, decode(tok, ids)).final_correct)
+        fixed = sum(f and not g for g, f in zip(right[False], right[True]))
+        broken = sum(g and not f for g, f in zip(right[False], right[True]))
+        n = len(problems)
+        print(f"| {path} | {sum(right[False]) / n:.3f} | {sum(right[True]) / n:.3f} | {fixed} | {broken} |")
+
+
+if __name__ == "__main__":
+    main()
