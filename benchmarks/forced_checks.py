@@ -73,13 +73,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--max-tokens", type=int, default=512, help="response length limit")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--checks", type=int, default=1000, help="checks forced per response (the first steps')")
+    ap.add_argument("--checks", type=int, default=None, help="checks forced per response, after its first steps "
+                    "(default: after every step)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = make_problems("test", args.n, seed=0)
-    what = "every step" if args.checks >= 1000 else f"each of the first {args.checks} step(s)"
+    checks = args.checks if args.checks is not None else args.max_tokens  # more than a response has steps
+    what = "every step" if args.checks is None else f"each of the first {args.checks} step(s)"
     print(f"| model | greedy pass@1 | with a check after {what} | wrong → right | right → wrong |\n"
           f"|---|---|---|---|---|")
     for path in args.models:
@@ -91,7 +93,7 @@ def main() -> None:
             for b in range(0, len(problems), args.batch_size):
                 batch = problems[b : b + args.batch_size]
                 prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in batch]
-                for p, ids in zip(batch, answer(model, tok, prompts, args.checks if force else 0, args.max_tokens)):
+                for p, ids in zip(batch, answer(model, tok, prompts, checks if force else 0, args.max_tokens)):
                     right[force].append(check_steps(p, decode(tok, ids)).final_correct)
         fixed = sum(f and not g for g, f in zip(right[False], right[True]))
         broken = sum(g and not f for g, f in zip(right[False], right[True]))

@@ -208,6 +208,8 @@ def _level_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def response_record(sample: Sample, problem: Problem, extracted: str | None, correct: bool) -> dict[str, Any]:
     """Everything evaluation keeps about one greedy response."""
     beh = coat.behaviour(sample.text)
+    # where it could have reflected, by the step checker (testbed problems only)
+    points = reflection_points(problem, sample.text) if has_ground_truth(problem) else None
     return {
         "text": sample.text,
         "extracted": extracted,
@@ -218,28 +220,27 @@ def response_record(sample: Sample, problem: Problem, extracted: str | None, cor
         "reflects": beh["reflects"],
         "explores": beh["explores"],
         "n_steps": beh["n_steps"],
-        "pre_reflect_correct": pre_reflect_correct(problem, sample.text) if beh["reflects"] else None,
-        **({"step_reflects": step_reflect_counts(problem, sample.text)} if has_ground_truth(problem) else {}),
+        "pre_reflect_correct": pre_reflect_correct(problem, sample.text, points) if beh["reflects"] else None,
+        **({"step_reflects": step_reflect_counts(points)} if points is not None else {}),
     }
 
 
-def pre_reflect_correct(problem: Problem, text: str) -> bool | None:
+def pre_reflect_correct(problem: Problem, text: str, points: list[tuple[bool, bool]] | None) -> bool | None:
     """Whether what a response had before its first ``<|reflect|>`` was right: the answer it
     wrote there, or, when it reflects mid-solution on a testbed problem (no answer yet), the
-    line of reasoning so far (the step checker's verdict on the steps before the reflection).
-    None when neither can be told (no answer before the reflection, no step checker)."""
+    line of reasoning so far (``points``, :func:`satori.testbed.checker.reflection_points` of
+    ``text``: the step checker's verdict on the steps before the reflection). None when
+    neither can be told (no answer before the reflection, no step checker)."""
     pre = extract_answer(coat.answer_before_first_reflect(text), last_number_fallback=False)
     if pre is not None:
         return answers_equal(pre, problem.answer)
-    if has_ground_truth(problem):
-        return next((ok for ok, reflected in reflection_points(problem, text) if reflected), None)
-    return None
+    return next((ok for ok, reflected in points or () if reflected), None)
 
 
-def step_reflect_counts(problem: Problem, text: str) -> dict[str, int]:
+def step_reflect_counts(points: Sequence[tuple[bool, bool]]) -> dict[str, int]:
     """Steps after which the line of reasoning is wrong / right, and how many of each a
-    ``<|reflect|>`` follows (testbed problems; see :func:`step_reflection_stats`)."""
-    points = reflection_points(problem, text)
+    ``<|reflect|>`` follows (from :func:`satori.testbed.checker.reflection_points`; see
+    :func:`step_reflection_stats`)."""
     return {"wrong": sum(not ok for ok, _ in points), "wrong_reflected": sum(r and not ok for ok, r in points),
             "right": sum(ok for ok, _ in points), "right_reflected": sum(r and ok for ok, r in points),
             # a reflection after a wrong line, and the next step (the explore) makes the line right
