@@ -118,6 +118,21 @@ def test_one_sample_per_problem_leaves_greedy_pass_at_1_alone():
     assert "| pass@1 (greedy) | 1.000 |" in markdown_table(m) and "| sampled accuracy | 0.000 |" in markdown_table(m)
 
 
+def test_sampled_metrics_cover_only_the_problems_with_samples():
+    # four problems, greedy right on three; samples (k=2) for the first two only
+    records = [rec(2, True, samples=[("4", True), ("4", True)]), rec(2, False, samples=[("1", False), ("3", True)]),
+               rec(3, True), rec(3, True)]
+    m = compute_metrics(records)
+    assert m["n"] == 4 and m["pass@1"] == 0.75 and m["k"] == 2 and m["k_problems"] == 2
+    assert m["sample_accuracy"] == 0.75  # (2/2 + 1/2) / 2, not / 4
+    assert m["pass@2"] == 1.0 and m["maj@2"] == 0.5  # a 1-1 tie goes to the first answer seen, '1'
+    assert m["by_level"]["2"]["maj@2"] == 0.5 and "maj@2" not in m["by_level"]["3"]
+    assert "| problems sampled (first N) | 2 |" in markdown_table(m)
+    assert "problems sampled" not in markdown_table(compute_metrics(records[:2]))
+    with pytest.raises(ValueError, match="same number"):
+        compute_metrics([rec(2, True, samples=[("4", True)]), rec(2, True, samples=[("4", True), ("4", True)])])
+
+
 def test_pass_at_k_and_majority():
     assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 4) == 1.0
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - (3 / 5) * (2 / 4))
@@ -137,3 +152,9 @@ def test_evaluate_a_real_tiny_model(tiny_coat):
     assert all(len(r["samples"]) == 2 for r in records)
     assert metrics["truncation_rate"] > 0
     assert metrics["sampled"]["n"] == 12 and all("pre_reflect_correct" in s for r in records for s in r["samples"])
+    # with a sample limit the first 4 get their 2 samples, the same ones as without it; greedy covers all 6
+    cfg.sample_limit = 4
+    limited, limited_records = evaluate(load_model(tiny_coat), load_tokenizer(tiny_coat), problems, cfg, progress=False)
+    assert limited["n"] == 6 and limited["k_problems"] == 4 and limited["sampled"]["n"] == 8
+    assert [len(r["samples"]) for r in limited_records] == [2, 2, 2, 2, 0, 0]
+    assert [r["greedy"]["text"] for r in limited_records] == [r["greedy"]["text"] for r in records]

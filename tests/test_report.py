@@ -35,7 +35,7 @@ def metrics(pass1: float, reflect: float = 0.3, ft: int = 2, tf: int = 1, levels
                                                            "p_reflect_after_right": reflect / 8}}},
     }
     if maj is not None:
-        m.update({"k": 8, "pass@8": maj + 0.1, "maj@8": maj, "sample_accuracy": pass1})
+        m.update({"k": 8, "k_problems": 20, "pass@8": maj + 0.1, "maj@8": maj, "sample_accuracy": pass1})
     if levels:
         m["by_level"] = {str(lv): {"n": 10, "pass@1": v} for lv, v in levels.items()}
     return m
@@ -216,6 +216,7 @@ def test_write_report_files(results, tmp_path):
     assert "| COAT beats plain CoT | not measured |" in md
     assert "LaTRO \\| gold" in md  # a pipe in a label does not break the table
     assert "42.0 ± 2.8" in md and "maj@8 (%)" in md
+    assert "Test split unless noted (50 problems; maj@k and the sampled columns over the first 20)" in md
     assert "reflect after a wrong / right step, sampled (%)" in md and "| 15.0 ± 0.0 / 3.8 ± 0.0 |" in md
     assert "![" in md and "(plots/rl_reward.png)" in md
     assert "| pretrain | 1.2 | yes (cached) |" in md
@@ -224,6 +225,7 @@ def test_write_report_files(results, tmp_path):
 
 def test_write_report_minimal_input(tmp_path):
     paths = write_report({"models": {"base": model("b", [0.1])}}, tmp_path)
+    assert "Test split unless noted (50 problems); mean" in paths["markdown"].read_text()
     assert paths["html"].is_file() and "plot_rl_reward" not in paths
     claims = json.loads(paths["json"].read_text())["claims"]
     assert all(c["held"] is None for c in claims)

@@ -57,6 +57,8 @@ class EvalConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     k: int = field(default=0, metadata={"help": "samples per problem for pass@k / maj@k (0: greedy only)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for the k samples"})
+    sample_limit: int = field(default=0, metadata={
+        "help": "draw the k samples for the first N problems only (0: all); greedy pass@1 covers every problem"})
     seed: int = 0
     threads: int = 0
     last_number_fallback: bool = False
@@ -64,6 +66,7 @@ class EvalConfig:
     def validate(self) -> None:
         check(self.k >= 0, f"k must be >= 0, got {self.k}")
         check(self.temperature > 0, f"temperature must be > 0 for sampling, got {self.temperature}")
+        check(self.sample_limit >= 0, f"sample_limit must be >= 0, got {self.sample_limit}")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -103,9 +106,11 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Each record has ``level``, ``greedy`` (a dict with ``correct``, ``valid_format``,
     ``reflects``, ``explores``, ``pre_reflect_correct`` (None when it did not reflect),
     ``n_tokens``, ``truncated``) and ``samples`` (a list of dicts with ``extracted`` and
-    ``correct``; may be empty). When the samples also carry ``reflects``, ``explores`` and
-    ``pre_reflect_correct``, ``sampled`` holds the behaviour metrics over all ``k`` samples
-    of every problem (a small model may reflect at temperature > 0 and never greedily).
+    ``correct``; empty for every problem, or for the problems past a sample limit). The
+    sampled metrics (``pass@k``, ``maj@k``, ``sample_accuracy``) are over the problems with
+    samples, ``k_problems`` of them. When the samples also carry ``reflects``, ``explores`` and
+    ``pre_reflect_correct``, ``sampled`` holds the behaviour metrics over all their samples
+    (a small model may reflect at temperature > 0 and never greedily).
     """
     n = len(records)
     if n == 0:
@@ -121,17 +126,18 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_tokens": sum(g["n_tokens"] for g in greedy) / n,
     }
     out["reflection"] = reflection_stats(greedy)
-    ks = {len(r["samples"]) for r in records}
-    if ks != {0}:
+    with_samples = [r for r in records if r["samples"]]
+    if with_samples:
+        ks = {len(r["samples"]) for r in with_samples}
         if len(ks) != 1:
-            raise ValueError("every record must have the same number of samples")
-        k = ks.pop()
-        out["k"] = k
+            raise ValueError("every record with samples must have the same number of them")
+        k, n_k = ks.pop(), len(with_samples)
+        out["k"], out["k_problems"] = k, n_k
         if k > 1:  # a sampled pass@1 is ``sample_accuracy``: "pass@1" stays the greedy one
-            out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
-        out[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), n)
-        out["sample_accuracy"] = sum(sum(s["correct"] for s in r["samples"]) / k for r in records) / n
-        samples = [s for r in records for s in r["samples"]]
+            out[f"pass@{k}"] = sum(pass_at_k(k, sum(s["correct"] for s in r["samples"]), k) for r in with_samples) / n_k
+        out[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in with_samples), n_k)
+        out["sample_accuracy"] = sum(sum(s["correct"] for s in r["samples"]) / k for r in with_samples) / n_k
+        samples = [s for r in with_samples for s in r["samples"]]
         if all("pre_reflect_correct" in s for s in samples):
             out["sampled"] = {
                 "n": len(samples),
@@ -196,9 +202,10 @@ def _majority_correct(samples: Sequence[dict[str, Any]]) -> bool:
 
 def _level_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     m = {"n": len(records), "pass@1": _rate(sum(r["greedy"]["correct"] for r in records), len(records))}
-    if records and records[0]["samples"]:
-        k = len(records[0]["samples"])
-        m[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in records), len(records))
+    with_samples = [r for r in records if r["samples"]]
+    if with_samples:
+        k = len(with_samples[0]["samples"])
+        m[f"maj@{k}"] = _rate(sum(_majority_correct(r["samples"]) for r in with_samples), len(with_samples))
     return m
 
 
@@ -259,7 +266,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalC
                          last_number_fallback=cfg.last_number_fallback)
     sampled_graded: list[list[dict[str, Any]]] = [[] for _ in problems]
     if cfg.k:
-        sampled = generate(model, tokenizer, prompts, temperature=cfg.temperature, n=cfg.k, seed=cfg.seed,
+        limit = cfg.sample_limit or len(prompts)
+        sampled = generate(model, tokenizer, prompts[:limit], temperature=cfg.temperature, n=cfg.k, seed=cfg.seed,
                            desc=f"eval k={cfg.k}", **common)
         res = grade_batch([s.text for s in sampled], [golds[s.index] for s in sampled],
                           truncated=[s.truncated for s in sampled], last_number_fallback=cfg.last_number_fallback)
@@ -332,6 +340,8 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
         k = metrics["k"]
         rows += [(f"pass@{k}", metrics[f"pass@{k}"])] if k > 1 else [("sampled accuracy", metrics["sample_accuracy"])]
         rows += [(f"maj@{k}", metrics[f"maj@{k}"])]
+        if metrics["k_problems"] < metrics["n"]:
+            rows += [("problems sampled (first N)", metrics["k_problems"])]
     rows += [("format compliance", metrics["format_compliance"]), ("reflect rate", metrics["reflect_rate"]),
              ("explore rate", metrics["explore_rate"]),
              ("F→T share of changed", metrics["reflection"]["f_to_t_share"]),

@@ -288,6 +288,21 @@ def _maj_cell(results: dict[str, Any], model: str) -> str:
                       for key in sorted(keys))
 
 
+def results_scope(results: dict[str, Any]) -> str:
+    """The sentence above the results table: which split, how many problems, how seeds combine."""
+    tests = [s["test"] for m in results.get("models", {}).values() for s in m.get("seeds", {}).values()
+             if s.get("test")]
+    sizes = sorted({t["n"] for t in tests if "n" in t})
+    sampled = sorted({t["k_problems"] for t in tests if "k_problems" in t})
+    scope = "Test split unless noted"
+    if sizes:
+        scope += f" ({' / '.join(map(str, sizes))} problems"
+        if sampled and sampled != sizes:
+            scope += f"; maj@k and the sampled columns over the first {' / '.join(map(str, sampled))}"
+        scope += ")"
+    return scope + "; mean ± std over seeds (sample std) when there are several."
+
+
 def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (text cells, one row per model, input order)."""
     models = results.get("models", {})
@@ -538,7 +553,7 @@ def render_markdown(results: dict[str, Any], claims: list[dict[str, Any]], plots
     n_held = sum(c["held"] is True for c in claims)
     n_measured = sum(c["held"] is not None for c in claims)
     parts += ["", "## Results", "",
-              "Test split unless noted; mean ± std over seeds (sample std) when there are several.", "",
+              results_scope(results), "",
               markdown_table(*results_rows(results)),
               f"## Claims ({n_held} of {n_measured} measured held)", "",
               "\"A beats B\" holds when mean(A) > mean(B) over seeds; \"beyond pooled std\" reports whether "
@@ -723,7 +738,7 @@ def render_html(results: dict[str, Any], claims: list[dict[str, Any]], plots: di
 <nav><a href="#results">results</a><a href="#claims">claims</a><a href="#plots">plots</a>
 <a href="#viewer">trajectories</a><a href="#stages">stages</a></nav>
 <section id="results"><h2>Results</h2>
-<p>Test split unless noted; mean ± std over seeds (sample std) when there are several.</p>
+<p>{esc(results_scope(results))}</p>
 {html_table(*results_rows(results), table_id="results-table")}</section>
 <section id="claims"><h2>Claims ({n_held} of {n_measured} measured held)</h2>
 <p>"A beats B" holds when mean(A) &gt; mean(B) over seeds; "beyond pooled std" reports whether the
