@@ -56,3 +56,22 @@ def test_sft_two_processes_match_one(tmp_path, tiny_coat, sft_jsonl):
     one = _launch(1, args + ["--batch-size", "8", "--grad-accum", "1"], tmp_path / "one")  # same global batch of 8
     two = _launch(2, args, tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3,1", 3), ("", None), ("0", None), ("many", None)])
+def test_threads_follow_the_launchers_omp_num_threads(monkeypatch, value, expected):
+    # torchrun / accelerate launch give each of several processes OMP_NUM_THREADS=1; `threads: 0`
+    # must keep to it instead of taking every core in every process
+    import torch
+
+    from satori.utils import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    try:
+        set_threads(0)
+        assert torch.get_num_threads() == (expected or os.cpu_count())
+        set_threads(2)  # an explicit count wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -24,9 +24,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def default_threads() -> int:
+    """Threads per process when none are asked for: ``OMP_NUM_THREADS`` when it is set, else every
+    core. Launchers set it for each of several processes so that they do not take the cores several
+    times over (``torchrun``: 1 unless set; ``accelerate launch``: ``--num_cpu_threads_per_process``)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else os.cpu_count() or 1
+
+
 def set_threads(n: int = 0) -> None:
-    """Use ``n`` intra-op threads (0: all cores)."""
-    torch.set_num_threads(max(1, n or os.cpu_count() or 1))
+    """Use ``n`` intra-op threads (0: :func:`default_threads`)."""
+    torch.set_num_threads(n if n > 0 else default_threads())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

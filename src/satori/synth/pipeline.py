@@ -130,7 +130,7 @@ class SynthConfig:
     gen_batch_size: int = field(default=256, metadata={"help": "rows per forward pass of an hf generator"})
     seed: int = 0
     check_steps: bool = field(default=True, metadata={"help": "testbed: correct = answer and every step right"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = all cores)"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: OMP_NUM_THREADS when set, else all cores)"})
     progress: bool = True
 
     def __post_init__(self) -> None:
