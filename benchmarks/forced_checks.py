@@ -12,16 +12,21 @@ earn.
     .venv/bin/python benchmarks/forced_checks.py MODEL [MODEL ...] --n 500 [--checks 1]
 
 Prints a markdown table: greedy accuracy as the model answers and with the forced checks, and
-the answers the checks changed (wrong to right, right to wrong).
+the answers the checks changed (wrong to right, right to wrong). Then, per model, why they changed,
+judged at the first forced check: a fixed answer was wrong there and repaired, or right there and
+only later steps came out differently; a broken answer was right there and the check called it
+wrong (a false alarm), or the check let it stand and a later step went wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from collections import Counter
 
 import torch
 
-from satori.coat import CONTINUE, REFLECT, coat_token_ids
+from satori.coat import CONTINUE, EXPLORE, REFLECT, coat_token_ids
 from satori.data import build_prompt
 from satori.rollout import decode, load_model, load_tokenizer
 from satori.testbed import make_problems
@@ -67,6 +72,23 @@ def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -
     return resp
 
 
+def why_changed(problem, text: str, fixed: bool) -> str:
+    """Why forcing checks changed a greedy answer (``text``: the answer with checks), judged at its
+    first ``<|reflect|>``: was the line right there, and did the check call it wrong?"""
+    before, _, rest = text.partition(REFLECT)
+    c = check_steps(problem, before)
+    right_before = c.first_wrong_step is None or c.first_wrong_step > c.n_steps  # only steps still to come
+    if fixed:
+        return "fixed: wrong at the check, repaired" if not right_before else "fixed: right at the check, later steps differ"
+    check = rest.split(CONTINUE)[0]
+    says_wrong = EXPLORE in check or re.search(r"\bis not\b", check) is not None
+    if right_before and says_wrong:
+        return "broken: a false alarm"
+    if right_before:
+        return "broken: the check let the line stand, a later step went wrong"
+    return "broken: wrong at the check, not repaired"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="COAT model folders (format-tuned or RL)")
@@ -84,21 +106,29 @@ def main() -> None:
     what = "every step" if args.checks is None else f"each of the first {args.checks} step(s)"
     print(f"| model | greedy pass@1 | with a check after {what} | wrong → right | right → wrong |\n"
           f"|---|---|---|---|---|")
+    reasons = {}
     for path in args.models:
         tok, model = load_tokenizer(path), load_model(path)
         model.eval()
         right = {}
+        texts = []  # the answers with checks
         for force in (False, True):
             right[force] = []
             for b in range(0, len(problems), args.batch_size):
                 batch = problems[b : b + args.batch_size]
                 prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in batch]
                 for p, ids in zip(batch, answer(model, tok, prompts, checks if force else 0, args.max_tokens)):
-                    right[force].append(check_steps(p, decode(tok, ids)).final_correct)
+                    text = decode(tok, ids)
+                    right[force].append(check_steps(p, text).final_correct)
+                    texts += [text] if force else []
         fixed = sum(f and not g for g, f in zip(right[False], right[True]))
         broken = sum(g and not f for g, f in zip(right[False], right[True]))
         n = len(problems)
         print(f"| {path} | {sum(right[False]) / n:.3f} | {sum(right[True]) / n:.3f} | {fixed} | {broken} |")
+        reasons[path] = Counter(why_changed(p, t, f) for p, t, g, f in zip(problems, texts, right[False], right[True])
+                                if g != f)
+    for path, counts in reasons.items():
+        print(f"\n{path}: " + "; ".join(f"{why} {c}" for why, c in sorted(counts.items())))
 
 
 if __name__ == "__main__":
