@@ -340,7 +340,7 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
         k = metrics["k"]
         rows += [(f"pass@{k}", metrics[f"pass@{k}"])] if k > 1 else [("sampled accuracy", metrics["sample_accuracy"])]
         rows += [(f"maj@{k}", metrics[f"maj@{k}"])]
-        if metrics["k_problems"] < metrics["n"]:
+        if metrics.get("k_problems", metrics["n"]) < metrics["n"]:
             rows += [("problems sampled (first N)", metrics["k_problems"])]
     rows += [("format compliance", metrics["format_compliance"]), ("reflect rate", metrics["reflect_rate"]),
              ("explore rate", metrics["explore_rate"]),
