@@ -81,6 +81,8 @@ def why_changed(problem, text: str, fixed: bool) -> str:
     if fixed:
         return "fixed: wrong at the check, repaired" if not right_before else "fixed: right at the check, later steps differ"
     check = rest.split(CONTINUE)[0]
+    # a wrong verdict, in the testbed critic's wording (satori.synth.agents.WRONG_VERDICTS), even when
+    # the model then forgets the <|explore|>
     says_wrong = EXPLORE in check or re.search(r"\bis not\b", check) is not None
     if right_before and says_wrong:
         return "broken: a false alarm"
