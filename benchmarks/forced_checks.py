@@ -31,6 +31,7 @@ from satori.data import build_prompt
 from satori.rollout import decode, load_model, load_tokenizer
 from satori.testbed import make_problems
 from satori.testbed.checker import check_steps
+from satori.utils import set_threads
 
 SEGMENT_TOKENS = 96  # one step or one check (with its correction) is far shorter
 
@@ -99,10 +100,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--checks", type=int, default=None, help="checks forced per response, after its first steps "
                     "(default: after every step)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: OMP_NUM_THREADS when set, else all cores)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     problems = make_problems("test", args.n, seed=0)
     checks = args.checks if args.checks is not None else args.max_tokens  # more than a response has steps
     what = "every step" if args.checks is None else f"each of the first {args.checks} step(s)"
@@ -112,22 +112,20 @@ def main() -> None:
     for path in args.models:
         tok, model = load_tokenizer(path), load_model(path)
         model.eval()
-        right = {}
-        texts = []  # the answers with checks
+        texts, right = {}, {}  # the answers without / with the forced checks, and whether each is right
         for force in (False, True):
-            right[force] = []
+            texts[force] = []
             for b in range(0, len(problems), args.batch_size):
                 batch = problems[b : b + args.batch_size]
                 prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in batch]
-                for p, ids in zip(batch, answer(model, tok, prompts, checks if force else 0, args.max_tokens)):
-                    text = decode(tok, ids)
-                    right[force].append(check_steps(p, text).final_correct)
-                    texts += [text] if force else []
+                texts[force] += [decode(tok, ids) for ids in answer(model, tok, prompts, checks if force else 0,
+                                                                    args.max_tokens)]
+            right[force] = [check_steps(p, t).final_correct for p, t in zip(problems, texts[force])]
         fixed = sum(f and not g for g, f in zip(right[False], right[True]))
         broken = sum(g and not f for g, f in zip(right[False], right[True]))
         n = len(problems)
         print(f"| {path} | {sum(right[False]) / n:.3f} | {sum(right[True]) / n:.3f} | {fixed} | {broken} |")
-        reasons[path] = Counter(why_changed(p, t, f) for p, t, g, f in zip(problems, texts, right[False], right[True])
+        reasons[path] = Counter(why_changed(p, t, f) for p, t, g, f in zip(problems, texts[True], right[False], right[True])
                                 if g != f)
     for path, counts in reasons.items():
         print(f"\n{path}: " + "; ".join(f"{why} {c}" for why, c in sorted(counts.items())))
