@@ -4,7 +4,10 @@ Not a speed benchmark: a screening tool for issue 4 (does RL beat format tuning?
 round-1 RL config that a finished run recorded (``RUN/rl_round1-sS/rl_result.json``), so each
 variant starts from the same format-tuned model, ORM and restart buffer; only the overrides
 change. Every model, the format-tuned one included, is then evaluated greedily on ``--n`` test
-problems (more than the preset's 100: 500 problems give a standard error of about 2 points).
+problems (more than the preset's 100: 500 problems give a standard error of about 2 points),
+and with ``--k`` sampled as the presets sample (T 0.7) on the first ``--sample-limit`` of them,
+for the reflection figures: how often the samples reflect, their F→T / T→F counts, and
+P(reflect) after a wrong / right line by the step checker.
 
     .venv/bin/python benchmarks/rl_sweep.py RUN --seed 0 --n 500 \\
         --variant "t03=--temperature 0.3 --steps 40 --rollout-batch 128 --train-batch 64" \\
@@ -30,11 +33,24 @@ def satori(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "satori.cli", *args], check=True)
 
 
-def greedy_accuracy(model: Path, out: Path, n: int) -> float:
+def evaluate(model: Path, out: Path, n: int, k: int, sample_limit: int) -> dict:
+    """Greedy on ``n`` test problems; with ``k`` > 0 also k samples (T 0.7) on the first ``sample_limit``."""
     if not (out / "results.json").exists():
-        satori("eval", "--model", str(model), "--data", "testbed:test", "--data.n", str(n), "--k", "0",
-               "--out", str(out))
-    return json.loads((out / "results.json").read_text())["metrics"]["pass@1"]
+        satori("eval", "--model", str(model), "--data", "testbed:test", "--data.n", str(n), "--k", str(k),
+               "--temperature", "0.7", "--sample-limit", str(sample_limit), "--out", str(out))
+    return json.loads((out / "results.json").read_text())["metrics"]
+
+
+def row(name: str, m: dict) -> str:
+    """A table row: greedy pass@1 and, when sampled, the sampled answers' reflection figures."""
+    cells = [name, f"{m['pass@1']:.3f}"]
+    if "sampled" in m:
+        refl = m["sampled"]["reflection"]
+        steps = refl.get("steps", {})
+        cells += [f"{m['sample_accuracy']:.3f}", f"{m['sampled']['reflect_rate']:.3f}",
+                  f"{refl['counts']['F->T']} / {refl['counts']['T->F']}",
+                  f"{steps.get('p_reflect_after_wrong', 0):.3f} / {steps.get('p_reflect_after_right', 0):.3f}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -42,6 +58,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a finished `satori run` folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=500, help="test problems for the greedy evaluation")
+    ap.add_argument("--k", type=int, default=0, help="samples per problem for the sampled reflection figures")
+    ap.add_argument("--sample-limit", type=int, default=100, help="problems sampled (the first N)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDES (satori rl options)")
     ap.add_argument("--out", type=Path, default=Path("runs/rl_sweep"))
     args = ap.parse_args()
@@ -55,7 +73,10 @@ def main() -> None:
     base_yaml = args.out / f"round1-s{args.seed}.yaml"
     base_yaml.write_text(yaml.safe_dump(cfg))
 
-    rows = [("format-tuned", greedy_accuracy(Path(cfg["policy"]), args.out / f"eval-ft-s{args.seed}", args.n))]
+    def measure(model: Path, out: Path) -> dict:
+        return evaluate(model, out, args.n, args.k, args.sample_limit)
+
+    rows = [("format-tuned", measure(Path(cfg["policy"]), args.out / f"eval-ft-s{args.seed}"))]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
         if not name or not overrides:
@@ -63,11 +84,15 @@ def main() -> None:
         out = args.out / f"{name}-s{args.seed}"
         if not (out / "rl_result.json").exists():
             satori("rl", "--config", str(base_yaml), "--out", str(out), *shlex.split(overrides))
-        rows.append((name, greedy_accuracy(out, out / "eval", args.n)))
+        rows.append((name, measure(out, out / "eval")))
 
-    print(f"\n| model (seed {args.seed}) | greedy pass@1 on {args.n} test problems |\n|---|---|")
-    for name, acc in rows:
-        print(f"| {name} | {acc:.3f} |")
+    head = [f"model (seed {args.seed})", f"greedy pass@1 on {args.n} test problems"]
+    if args.k:
+        head += [f"sample accuracy (k {args.k}, first {args.sample_limit})", "reflect rate (sampled)", "F→T / T→F",
+                 "P(reflect) after a wrong / right line"]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, m in rows:
+        print(row(name, m))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from satori.data import DataConfig, Problem
 from satori.errors import SatoriError
 from satori.evaluate import read_samples
 from satori.rae import (
-    RAEConfig, build_initial_states, check_fit, cut_trajectory, group_samples, run_rae,
+    RAEConfig, build_initial_states, check_fit, cut_trajectory, first_error_cut, group_samples, run_rae,
 )
 
 C, R, E = CONTINUE, REFLECT, EXPLORE
@@ -89,6 +89,36 @@ def test_states_labels_merge_and_determinism():
     assert {s["T"] for o in other for s in o if s["status"]} == {0, 1, 2}
     only_buffers = build_initial_states(problems, samples, 2, random.Random(5), include_originals=False)
     assert only_buffers == states[8:]
+
+
+# a testbed problem: 7, +5 -> 12, -3 -> 9, *2 -> 18, /3 -> 6
+CHAIN = Problem(id="chain", question="Ana has 7 marbles. She finds 5 more. She gives 3 away. Then her marbles "
+                "double. She keeps a third. How many marbles does Ana have now?", answer="6",
+                meta={"start": 7, "ops": [["+", 5], ["-", 3], ["*", 2], ["/", 3]], "level": 4, "source": "testbed"})
+RIGHT_CHAIN = f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 9{C}Step 3: 9 * 2 = 18{C}Step 4: 18 / 3 = 6 \\boxed{{6}}"
+# wrong at step 2, carried on to a wrong answer
+WRONG_CHAIN = f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 8{C}Step 3: 8 * 2 = 16{C}Step 4: 16 / 3 = 5 \\boxed{{5}}"
+
+
+def test_first_error_cut_ends_the_negative_state_on_the_mistake():
+    assert first_error_cut(CHAIN, WRONG_CHAIN) == 2  # 4 steps, the line goes wrong after the 2nd
+    assert first_error_cut(CHAIN, RIGHT_CHAIN) is None
+    # a right line with a wrong boxed answer has no step to cut at
+    assert first_error_cut(CHAIN, RIGHT_CHAIN.replace("{6}", "{7}")) is None
+    samples = [{"id": "chain", "question": CHAIN.question, "response": RIGHT_CHAIN, "correct": True, "sample": 0},
+               {"id": "chain", "question": CHAIN.question, "response": WRONG_CHAIN, "correct": False, "sample": 1}]
+    for seed in range(5):
+        end = build_initial_states([CHAIN], samples, 3, random.Random(seed))
+        at_error = build_initial_states([CHAIN], samples, 3, random.Random(seed), negative_cut="first_error")
+        assert at_error[:2] == end[:2]  # the original and the positive state are drawn as before
+        assert at_error[2]["T"] == 2 and at_error[2]["prefix"] == f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 8{R}"
+    lucky = [dict(samples[1], response=RIGHT_CHAIN.replace("{6}", "{7}"))]
+    assert (build_initial_states([CHAIN], lucky, 3, random.Random(1), negative_cut="first_error")
+            == build_initial_states([CHAIN], lucky, 3, random.Random(1)))  # no mistake in the line: the drawn T
+    with pytest.raises(SatoriError, match=r"problem 'p0' is not a testbed problem"):
+        build_initial_states(_problems(1), [], 2, random.Random(0), negative_cut="first_error")
+    with pytest.raises(SatoriError, match="negative_cut must be one of end, first_error"):
+        RAEConfig(negative_cut="start").validate()
 
 
 def test_samples_from_other_data_are_refused_or_ignored():

@@ -19,6 +19,7 @@ from satori.errors import SatoriError
 from satori.testbed.checker import (
     check_steps,
     correct_step_text,
+    first_wrong_prefix,
     parse_equation,
     reflection_points,
     verify_step,
@@ -295,6 +296,18 @@ def test_reflection_points_pair_each_step_with_the_reflection_after_it():
     # plain CoT: no reflection anywhere; an extra step past the last operation is a wrong line
     assert reflection_points(HAND, solution(RIGHT + ["Step 5: 6 + 1 = 7"])) == [(True, False)] * 4 + [(False, False)]
     assert reflection_points(HAND, "no equations at all") == []
+
+
+def test_first_wrong_prefix_finds_where_the_line_first_goes_wrong():
+    steps = [RIGHT[0], "Step 2: 12 - 3 = 8", "Step 3: 8 * 2 = 16", "Step 4: 16 / 3 = 5\nThe answer is \\boxed{5}."]
+    prefixes = ["<|continue|>".join(steps[: i + 1]) for i in range(len(steps))]
+    assert first_wrong_prefix(HAND, prefixes) == 1
+    right = ["<|continue|>".join(RIGHT[: i + 1]) for i in range(len(RIGHT))]
+    assert first_wrong_prefix(HAND, right) is None  # unfinished lines are not wrong
+    # a reflection that quotes a wrong equation is no step; an explore that redoes step 2 wrongly is
+    checked = right[1] + "<|reflect|>Is 12 - 3 = 10? No."
+    assert first_wrong_prefix(HAND, [right[0], right[1], checked, checked + "<|explore|>Step 2: 12 - 3 = 7"]) == 3
+    assert first_wrong_prefix(HAND, []) is None
 
 
 def test_verify_step_and_correct_step_text():

@@ -17,6 +17,12 @@ Choices made here, each one deliberate:
   boxed answer included, and the model is asked to reflect on its finished answer;
   ``T >= 1`` removes the answer step and the ``T - 1`` steps before it, so the model
   reflects on unfinished reasoning.
+* **Where a wrong trajectory is cut** (``negative_cut``). ``end``, the paper's rule, cuts
+  back ``T`` steps from the end like a correct one, so a negative state may end before the
+  mistake, on a line that is still right. ``first_error`` (testbed problems only) asks the
+  step checker where the line first goes wrong and cuts right after that step, so every
+  negative state ends on a mistake that the reflection can find; a wrong answer whose line
+  has no wrong step keeps its drawn ``T``.
 * **Truncated samples** (hit the length limit without an end token) and blank ones are
   never restart sources: they have no final step to reflect on.
 * **The context check** counts ``prompt tokens + prefix tokens`` with the policy's
@@ -43,10 +49,13 @@ from satori.config import check, to_dict
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
 from satori.rollout import load_model, load_tokenizer
+from satori.testbed.checker import first_wrong_prefix
+from satori.testbed.tasks import has_ground_truth
 from satori.evaluate import read_samples, sample_graded
 from satori.utils import seed_everything, set_threads, write_json, write_jsonl
 
 STATUS_ORIGINAL, STATUS_POSITIVE, STATUS_NEGATIVE = 0, 1, -1
+NEGATIVE_CUTS = ("end", "first_error")
 
 
 @dataclass
@@ -66,6 +75,9 @@ class RAEConfig:
                                                                "states must leave room for"})
     gen_batch_size: int = 64
     t_max: int = field(default=2, metadata={"help": "cut back T in 0..t_max steps"})
+    negative_cut: str = field(default="end", metadata={
+        "help": "where wrong trajectories are cut: end (back T steps from the end, the paper) or first_error "
+                "(right after the step where the line first goes wrong, by the testbed step checker)"})
     include_originals: bool = field(default=True, metadata={"help": "add each problem itself (status 0)"})
     max_prompt_tokens: int = field(default=0, metadata={"help": "limit on prompt + prefix tokens "
                                                                   "(0: max_position_embeddings - max_new_tokens)"})
@@ -82,6 +94,8 @@ class RAEConfig:
         check(self.t_max >= 0, f"t_max must be >= 0, got {self.t_max}")
         check(self.max_prompt_tokens >= 0, f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         check(self.on_overflow in ("raise", "skip"), f"on_overflow must be raise or skip, got {self.on_overflow!r}")
+        check(self.negative_cut in NEGATIVE_CUTS,
+              f"negative_cut must be one of {', '.join(NEGATIVE_CUTS)}, got {self.negative_cut!r}")
 
 
 # --------------------------------------------------------------------------- graded samples
@@ -128,10 +142,22 @@ def cut_trajectory(response: str, t: int) -> str:
     return render_steps(steps[: len(steps) - t]) + REFLECT
 
 
+def first_error_cut(problem: Problem, response: str) -> int | None:
+    """``T`` that cuts ``response`` right after the COAT step where its line of reasoning first
+    goes wrong (by the testbed step checker), so the state ends on the mistake; None when no
+    prefix's line is wrong (a wrong boxed answer after a right line)."""
+    steps = parse_steps(response)
+    first = first_wrong_prefix(problem, [render_steps(steps[: i + 1]) for i in range(len(steps))])
+    return None if first is None else len(steps) - 1 - first
+
+
 def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_max: int,
-                   rng: random.Random) -> dict[str, Any]:
+                   rng: random.Random, negative_cut: str = "end") -> dict[str, Any]:
     n_steps = len(parse_steps(sample["response"]))
     t = rng.randint(0, min(t_max, n_steps - 1))
+    if status == STATUS_NEGATIVE and negative_cut == "first_error":
+        at_error = first_error_cut(problem, sample["response"])
+        t = t if at_error is None else at_error
     tag = "pos" if status == STATUS_POSITIVE else "neg"
     return {
         "id": f"{problem.id}/{tag}", "question": problem.question, "answer": problem.answer,
@@ -141,14 +167,23 @@ def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_max:
 
 
 def build_initial_states(problems: Sequence[Problem], samples: Sequence[dict[str, Any]], t_max: int,
-                         rng: random.Random, include_originals: bool = True) -> list[dict[str, Any]]:
+                         rng: random.Random, include_originals: bool = True, negative_cut: str = "end"
+                         ) -> list[dict[str, Any]]:
     """The merged initial states: originals (status 0), then the positive buffer (+1), then
     the negative buffer (-1), each in problem order.
 
     Per problem, in this order of RNG draws: choose a correct sample, draw its ``T``; choose
     a wrong sample, draw its ``T``. Truncated and blank samples are never chosen; samples
-    matching no problem are ignored (see :func:`group_samples`).
+    matching no problem are ignored (see :func:`group_samples`). With ``negative_cut ==
+    "first_error"`` a wrong sample is cut at its first mistake instead (:func:`first_error_cut`;
+    the drawn ``T`` is kept when its line has none, so the draws stay the same); this needs
+    testbed problems.
     """
+    if negative_cut == "first_error":
+        no_truth = next((p.id for p in problems if not has_ground_truth(p)), None)
+        if no_truth is not None:
+            raise SatoriError(f"negative_cut first_error needs the testbed step checker; problem {no_truth!r} "
+                              "is not a testbed problem (use negative_cut end)")
     groups, _ = group_samples(problems, samples)
     positive, negative = [], []
     for p in problems:
@@ -158,7 +193,7 @@ def build_initial_states(problems: Sequence[Problem], samples: Sequence[dict[str
         if correct:
             positive.append(_restart_state(p, rng.choice(correct), STATUS_POSITIVE, t_max, rng))
         if wrong:
-            negative.append(_restart_state(p, rng.choice(wrong), STATUS_NEGATIVE, t_max, rng))
+            negative.append(_restart_state(p, rng.choice(wrong), STATUS_NEGATIVE, t_max, rng, negative_cut))
     originals = [{"id": p.id, "question": p.question, "answer": p.answer, "prefix": "",
                   "status": STATUS_ORIGINAL, "T": None, "meta": {**p.meta, "problem_id": p.id}}
                  for p in problems] if include_originals else []
@@ -262,7 +297,8 @@ def run_rae(cfg: RAEConfig) -> dict[str, Any]:
         del model
         write_jsonl(out / "samples.jsonl", samples)
     groups, unmatched = group_samples(problems, samples)
-    states = build_initial_states(problems, samples, cfg.t_max, random.Random(cfg.seed), cfg.include_originals)
+    states = build_initial_states(problems, samples, cfg.t_max, random.Random(cfg.seed), cfg.include_originals,
+                                  cfg.negative_cut)
     kept, dropped, prefix_tokens = check_fit(states, tokenizer, limit, cfg.on_overflow)
     usable = {pid: [s for s in g if not s.get("truncated") and parse_steps(s["response"])]
               for pid, g in groups.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Sequence
 
 from satori.data import Problem
 from satori.errors import SatoriError
@@ -223,6 +224,19 @@ def reflection_points(problem: Problem, text: str) -> list[tuple[bool, bool]]:
     steps = split_steps(text)
     return [(_first_wrong(line, values, ops) is None, i + 1 < len(steps) and steps[i + 1][0] == "reflect")
             for i, line in _line_states(steps)]
+
+
+def first_wrong_prefix(problem: Problem, prefixes: Sequence[str]) -> int | None:
+    """Index of the first of ``prefixes`` (growing prefixes of one solution, e.g. its first
+    1, 2, ... COAT steps) whose line of reasoning is wrong; None when every one is right.
+
+    A prefix whose line is shorter than the chain is not wrong for that: it has not finished.
+    """
+    values, ops, _ = _expected(problem)
+    for i, text in enumerate(prefixes):
+        if _first_wrong(line_of_reasoning(text), values, ops) is not None:
+            return i
+    return None
 
 
 def _check_k(problem: Problem, k: int) -> tuple[list[int], list[list], list[str]]:
