@@ -121,6 +121,27 @@ def test_first_error_cut_ends_the_negative_state_on_the_mistake():
         RAEConfig(negative_cut="start").validate()
 
 
+def test_t_min_keeps_reflections_off_the_finished_answer():
+    problems = _problems(8)
+    samples = _samples(problems)
+    for seed in range(6):
+        states = build_initial_states(problems, samples, t_max=2, rng=random.Random(seed), t_min=1)
+        cut = [s for s in states if s["status"]]
+        assert cut and all(1 <= s["T"] <= 2 and "boxed" not in s["prefix"] for s in cut)
+    # a one-step answer has nothing to cut back to: it is no restart source with t_min 1
+    one_step = [{"id": "p0", "question": problems[0].question, "response": "So \\boxed{1}.", "correct": True}]
+    assert len(build_initial_states(problems[:1], one_step, 2, random.Random(0))) == 2
+    assert len(build_initial_states(problems[:1], one_step, 2, random.Random(0), t_min=1)) == 1
+    # a mistake in the final step: the first_error cut still goes back t_min steps
+    last_wrong = [{"id": "chain", "question": CHAIN.question, "correct": False,
+                   "response": RIGHT_CHAIN.replace("18 / 3 = 6 \\boxed{6}", "18 / 3 = 5 \\boxed{5}")}]
+    assert first_error_cut(CHAIN, last_wrong[0]["response"]) == 0
+    neg = build_initial_states([CHAIN], last_wrong, 2, random.Random(0), negative_cut="first_error", t_min=1)[-1]
+    assert neg["T"] == 1 and neg["prefix"].endswith(f"9 * 2 = 18{R}")
+    with pytest.raises(SatoriError, match="t_min 3, t_max 2"):
+        RAEConfig(t_min=3).validate()
+
+
 def test_samples_from_other_data_are_refused_or_ignored():
     problems = _problems(2)
     _, unmatched = group_samples(problems, [{"question": "unknown", "response": "x", "correct": True}])
@@ -191,7 +212,7 @@ def test_run_rae_from_a_samples_file(tmp_path, tiny_coat):
     assert len(lines) == stats["states"] == 20
     assert stats["by_status"] == {"0": 8, "1": 6, "-1": 6}
     assert sum(stats["t_hist"]["1"].values()) == 6 and sum(stats["t_hist"]["-1"].values()) == 6
-    assert stats["skipped_truncated_or_blank"] == 8 and stats["prompt_limit"] == 1024 - 256
+    assert stats["skipped_unusable"] == 8 and stats["prompt_limit"] == 1024 - 256
     assert stats["mean_prefix_tokens"] > 0
     assert set(lines[0]) == {"id", "question", "answer", "prefix", "status", "T", "meta"}
     saved = json.loads((tmp_path / "rae" / "rae_stats.json").read_text())

@@ -3,7 +3,7 @@
 The format-tuned policy samples ``k`` solutions per problem (or an existing graded samples
 file is read). For each problem we pick, with a seeded RNG, one correct and one wrong
 trajectory, cut off its last ``T`` COAT steps (``T`` drawn uniformly from
-``0..min(t_max, n_steps - 1)``, so at least one step always stays) and append
+``t_min..min(t_max, n_steps - 1)``, so at least one step always stays) and append
 ``<|reflect|>``. The cut of a correct trajectory goes to the positive restart buffer
 (status ``+1``), the cut of a wrong one to the negative buffer (status ``-1``); every
 original problem is also an initial state (status ``0``, empty prefix). RL samples its
@@ -22,9 +22,15 @@ Choices made here, each one deliberate:
   mistake, on a line that is still right. ``first_error`` (testbed problems only) asks the
   step checker where the line first goes wrong and cuts right after that step, so every
   negative state ends on a mistake that the reflection can find; a wrong answer whose line
-  has no wrong step keeps its drawn ``T``.
+  has no wrong step keeps its drawn ``T``. The cut is still at least ``t_min`` steps back,
+  so with ``t_min: 1`` a mistake in the final step leaves a state that ends before it.
+* **``t_min``** (default 0, the paper's range ``0..2``) cuts back at least ``t_min`` steps.
+  With 1, no state reflects after a finished answer: for a model whose demonstrations only
+  ever reflect right after the step they check (``synth.reflect_position: step``), a
+  reflection after the answer is a situation it never saw.
 * **Truncated samples** (hit the length limit without an end token) and blank ones are
-  never restart sources: they have no final step to reflect on.
+  never restart sources: they have no final step to reflect on; nor are samples with no
+  more than ``t_min`` steps.
 * **The context check** counts ``prompt tokens + prefix tokens`` with the policy's
   tokenizer against ``max_prompt_tokens`` (or ``max_position_embeddings - max_new_tokens``);
   a state that does not fit is refused with an error naming it, or dropped and counted
@@ -74,7 +80,9 @@ class RAEConfig:
     max_new_tokens: int = field(default=400, metadata={"help": "sampling length; also the RL generation budget the "
                                                                "states must leave room for"})
     gen_batch_size: int = 64
-    t_max: int = field(default=2, metadata={"help": "cut back T in 0..t_max steps"})
+    t_max: int = field(default=2, metadata={"help": "cut back T in t_min..t_max steps"})
+    t_min: int = field(default=0, metadata={
+        "help": "cut back at least t_min steps (0, the paper: a reflection may follow the final answer; 1: never)"})
     negative_cut: str = field(default="end", metadata={
         "help": "where wrong trajectories are cut: end (back T steps from the end, the paper) or first_error "
                 "(right after the step where the line first goes wrong, by the testbed step checker)"})
@@ -91,7 +99,7 @@ class RAEConfig:
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         check(self.gen_batch_size > 0, f"gen_batch_size must be > 0, got {self.gen_batch_size}")
-        check(self.t_max >= 0, f"t_max must be >= 0, got {self.t_max}")
+        check(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got t_min {self.t_min}, t_max {self.t_max}")
         check(self.max_prompt_tokens >= 0, f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         check(self.on_overflow in ("raise", "skip"), f"on_overflow must be raise or skip, got {self.on_overflow!r}")
         check(self.negative_cut in NEGATIVE_CUTS,
@@ -142,6 +150,12 @@ def cut_trajectory(response: str, t: int) -> str:
     return render_steps(steps[: len(steps) - t]) + REFLECT
 
 
+def usable_samples(samples: Sequence[dict[str, Any]], t_min: int = 0) -> list[dict[str, Any]]:
+    """The samples a restart state may come from: not truncated, and with more than ``t_min``
+    steps (so a blank one never is, and a cut of ``t_min`` steps leaves at least one)."""
+    return [s for s in samples if not s.get("truncated") and len(parse_steps(s["response"])) > t_min]
+
+
 def first_error_cut(problem: Problem, response: str) -> int | None:
     """``T`` that cuts ``response`` right after the COAT step where its line of reasoning first
     goes wrong (by the testbed step checker), so the state ends on the mistake; None when no
@@ -151,13 +165,13 @@ def first_error_cut(problem: Problem, response: str) -> int | None:
     return None if first is None else len(steps) - 1 - first
 
 
-def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_max: int,
+def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_range: tuple[int, int],
                    rng: random.Random, negative_cut: str = "end") -> dict[str, Any]:
     n_steps = len(parse_steps(sample["response"]))
-    t = rng.randint(0, min(t_max, n_steps - 1))
+    t = rng.randint(t_range[0], min(t_range[1], n_steps - 1))
     if status == STATUS_NEGATIVE and negative_cut == "first_error":
         at_error = first_error_cut(problem, sample["response"])
-        t = t if at_error is None else at_error
+        t = t if at_error is None else max(at_error, t_range[0])
     tag = "pos" if status == STATUS_POSITIVE else "neg"
     return {
         "id": f"{problem.id}/{tag}", "question": problem.question, "answer": problem.answer,
@@ -167,17 +181,18 @@ def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_max:
 
 
 def build_initial_states(problems: Sequence[Problem], samples: Sequence[dict[str, Any]], t_max: int,
-                         rng: random.Random, include_originals: bool = True, negative_cut: str = "end"
-                         ) -> list[dict[str, Any]]:
+                         rng: random.Random, include_originals: bool = True, negative_cut: str = "end",
+                         t_min: int = 0) -> list[dict[str, Any]]:
     """The merged initial states: originals (status 0), then the positive buffer (+1), then
     the negative buffer (-1), each in problem order.
 
     Per problem, in this order of RNG draws: choose a correct sample, draw its ``T``; choose
-    a wrong sample, draw its ``T``. Truncated and blank samples are never chosen; samples
-    matching no problem are ignored (see :func:`group_samples`). With ``negative_cut ==
-    "first_error"`` a wrong sample is cut at its first mistake instead (:func:`first_error_cut`;
-    the drawn ``T`` is kept when its line has none, so the draws stay the same); this needs
-    testbed problems.
+    a wrong sample, draw its ``T`` (in ``t_min..t_max``). Truncated and blank samples are never
+    chosen, nor samples with no more than ``t_min`` steps; samples matching no problem are
+    ignored (see :func:`group_samples`). With ``negative_cut == "first_error"`` a wrong sample
+    is cut at its first mistake instead (:func:`first_error_cut`, but at least ``t_min`` steps
+    back; the drawn ``T`` is kept when its line has none, so the draws stay the same); this
+    needs testbed problems.
     """
     if negative_cut == "first_error":
         no_truth = next((p.id for p in problems if not has_ground_truth(p)), None)
@@ -187,13 +202,13 @@ def build_initial_states(problems: Sequence[Problem], samples: Sequence[dict[str
     groups, _ = group_samples(problems, samples)
     positive, negative = [], []
     for p in problems:
-        usable = [s for s in groups[p.id] if not s.get("truncated") and parse_steps(s["response"])]
+        usable = usable_samples(groups[p.id], t_min)
         correct = [s for s in usable if s["correct"]]
         wrong = [s for s in usable if not s["correct"]]
         if correct:
-            positive.append(_restart_state(p, rng.choice(correct), STATUS_POSITIVE, t_max, rng))
+            positive.append(_restart_state(p, rng.choice(correct), STATUS_POSITIVE, (t_min, t_max), rng))
         if wrong:
-            negative.append(_restart_state(p, rng.choice(wrong), STATUS_NEGATIVE, t_max, rng, negative_cut))
+            negative.append(_restart_state(p, rng.choice(wrong), STATUS_NEGATIVE, (t_min, t_max), rng, negative_cut))
     originals = [{"id": p.id, "question": p.question, "answer": p.answer, "prefix": "",
                   "status": STATUS_ORIGINAL, "T": None, "meta": {**p.meta, "problem_id": p.id}}
                  for p in problems] if include_originals else []
@@ -298,10 +313,9 @@ def run_rae(cfg: RAEConfig) -> dict[str, Any]:
         write_jsonl(out / "samples.jsonl", samples)
     groups, unmatched = group_samples(problems, samples)
     states = build_initial_states(problems, samples, cfg.t_max, random.Random(cfg.seed), cfg.include_originals,
-                                  cfg.negative_cut)
+                                  cfg.negative_cut, cfg.t_min)
     kept, dropped, prefix_tokens = check_fit(states, tokenizer, limit, cfg.on_overflow)
-    usable = {pid: [s for s in g if not s.get("truncated") and parse_steps(s["response"])]
-              for pid, g in groups.items()}
+    usable = {pid: usable_samples(g, cfg.t_min) for pid, g in groups.items()}
     stats = state_stats(kept)
     stats.update({
         "problems": len(problems),
@@ -312,7 +326,7 @@ def run_rae(cfg: RAEConfig) -> dict[str, Any]:
         "problems_with_wrong": sum(any(not s["correct"] for s in g) for g in usable.values()),
         "problems_without_samples": sum(not g for g in groups.values()),
         "unmatched_samples": unmatched,
-        "skipped_truncated_or_blank": sum(len(groups[p]) - len(usable[p]) for p in groups),
+        "skipped_unusable": sum(len(groups[p]) - len(usable[p]) for p in groups),
         "dropped_overflow": len(dropped),
         "dropped_by_status": dict(Counter(str(s["status"]) for s in dropped)),
         "prompt_limit": limit,
