@@ -80,3 +80,40 @@ def test_bad_records_are_named(tmp_path, tiny_coat):
     bad.write_text('{"question": "q", "response": "r"}\n{"question": "q2"}\n')
     with pytest.raises(SatoriError, match=r"bad\.jsonl:2: missing or empty field 'response'"):
         run_sft(cfg(tmp_path, tiny_coat, bad, "x"))
+
+
+def test_heldout_metrics_report_each_meta_tokens_probability(tiny_base, tiny_coat):
+    """valid_p_<action>: the mean probability of a COAT token where a response has it, derived
+    here from the model's own softmax, one example at a time."""
+    from satori.rollout import load_model, load_tokenizer
+    from satori.train.sft import Example, heldout_metrics, meta_token_ids
+
+    tok, model = load_tokenizer(tiny_coat), load_model(tiny_coat)
+    ids = meta_token_ids(tok)
+    assert set(ids) == {"continue", "reflect", "explore"}
+    texts = ["Step 1: 2 + 3 = 5<|continue|>Step 2: 5 * 2 = 10<|reflect|>Check: right.<|continue|>\\boxed{10}",
+             "Step 1: 4 - 1 = 3<|reflect|>3 is not 2.<|explore|>Step 1: 4 - 2 = 2 \\boxed{2}"]
+    examples = [Example(tok("Q: sum?\n", add_special_tokens=False)["input_ids"],
+                        tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in texts]
+    got = heldout_metrics(model, examples, tok.pad_token_id, SFTConfig(batch_size=2, bf16=False), ids)
+    probs = {name: [] for name in ids}
+    nll, n = 0.0, 0
+    for ex in examples:
+        seq = ex.prompt_ids + ex.response_ids
+        with torch.no_grad():
+            p = model(torch.tensor([seq])).logits[0].float().softmax(-1)
+        for j in range(len(ex.prompt_ids), len(seq)):
+            nll -= float(p[j - 1, seq[j]].log())
+            n += 1
+            for name, i in ids.items():
+                if seq[j] == i:
+                    probs[name].append(float(p[j - 1, i]))
+    assert got["valid_loss"] == pytest.approx(nll / n, rel=1e-4)
+    assert len(probs["continue"]) == 2 and len(probs["reflect"]) == 2 and len(probs["explore"]) == 1
+    for name, ps in probs.items():
+        assert got[f"valid_p_{name}"] == pytest.approx(sum(ps) / len(ps), rel=1e-4)
+    # a tokenizer without the COAT tokens watches nothing; a token the responses lack gets no key
+    assert meta_token_ids(load_tokenizer(tiny_base)) == {}
+    no_explore = heldout_metrics(model, examples[:1], tok.pad_token_id, SFTConfig(bf16=False),
+                                 {"explore": ids["explore"]})
+    assert set(no_explore) == {"valid_loss"}

@@ -169,12 +169,17 @@ def batch_tensors(examples: list[Example], pad_id: int, packing: bool, max_len: 
             "loss_mask": loss_mask}
 
 
-def sum_token_loss(model: Any, batch: dict[str, Any], bf16: bool) -> torch.Tensor:
-    """Sum of the negative log-likelihood over the response tokens of a micro-batch."""
+def next_token_logprobs(model: Any, batch: dict[str, Any], bf16: bool) -> torch.Tensor:
+    """Log-probability of every next token of a micro-batch (fp32; position t scores t+1)."""
     with autocast(bf16):
         logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                               position_ids=batch["position_ids"])["logp"]
-    return -(logp.float() * batch["loss_mask"]).sum()
+    return logp.float()
+
+
+def sum_token_loss(model: Any, batch: dict[str, Any], bf16: bool) -> torch.Tensor:
+    """Sum of the negative log-likelihood over the response tokens of a micro-batch."""
+    return -(next_token_logprobs(model, batch, bf16) * batch["loss_mask"]).sum()
 
 
 def data_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -197,19 +202,46 @@ def global_batch(n: int, seed: int, step: int, size: int) -> list[int]:
     return out
 
 
+def meta_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The COAT tokens' ids by action (``{"reflect": id, ...}``); empty for a tokenizer without them."""
+    from satori.coat import ACTION_OF_TOKEN, coat_token_ids
+
+    try:
+        return {ACTION_OF_TOKEN[token]: i for token, i in coat_token_ids(tokenizer).items()}
+    except SatoriError:
+        return {}
+
+
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Example], pad_id: int, cfg: SFTConfig) -> float:
-    """Token-mean loss on held-out examples."""
+def heldout_metrics(model: Any, examples: list[Example], pad_id: int, cfg: SFTConfig,
+                    watch: dict[str, int] | None = None) -> dict[str, float]:
+    """``valid_loss``, the token-mean loss on held-out examples, and for each token of
+    ``watch`` (name -> id) that the held-out responses hold, ``valid_p_<name>``: the model's
+    mean probability of that token where the response has it. For the COAT tokens this says
+    whether format tuning taught the actions at all, which the loss alone hides: a model can
+    fit the text around them and still give ``<|explore|>`` a few percent after a verdict of
+    "wrong"."""
     was = model.training
     model.eval()
     total, tokens = 0.0, 0
+    p_sum = dict.fromkeys(watch or {}, 0.0)
+    p_n = dict.fromkeys(watch or {}, 0)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i: i + cfg.batch_size]
         batch = batch_tensors(chunk, pad_id, False, cfg.max_len)
-        total += float(sum_token_loss(model, batch, cfg.bf16))
-        tokens += int(batch["loss_mask"].sum())
+        logp = next_token_logprobs(model, batch, cfg.bf16)
+        mask = batch["loss_mask"]
+        total += float(-(logp * mask).sum())
+        tokens += int(mask.sum())
+        targets = batch["input_ids"][:, 1:]
+        for name, token_id in (watch or {}).items():
+            at = (targets == token_id) & (mask > 0)
+            p_sum[name] += float(logp[at].exp().sum())
+            p_n[name] += int(at.sum())
     model.train(was)
-    return total / max(1, tokens)
+    out = {"valid_loss": total / max(1, tokens)}
+    out.update({f"valid_p_{name}": p_sum[name] / p_n[name] for name in p_sum if p_n[name]})
+    return out
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
@@ -258,6 +290,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         start, bad_steps = state["step"], state.get("bad_steps", 0)
     model, optimizer = acc.prepare(model, optimizer)
     pad_id = tokenizer.pad_token_id
+    watch = meta_token_ids(tokenizer)
     log = MetricsLog(out, enabled=acc.is_main_process)
     log.truncate_after(start)
     result: dict[str, Any] = {"steps": total_steps, "train_examples": len(train), "valid_examples": len(valid)}
@@ -303,8 +336,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                        "tokens": n_tokens, "elapsed": time.time() - t0}
             if valid and (done % cfg.eval_every == 0 or done == total_steps):
-                metrics["valid_loss"] = evaluate_loss(acc.unwrap_model(model), valid, pad_id, cfg)
-                result["valid_loss"] = metrics["valid_loss"]
+                held_out = heldout_metrics(acc.unwrap_model(model), valid, pad_id, cfg, watch)
+                metrics.update(held_out)
+                result.update(held_out)
             if done % cfg.log_every == 0 or "valid_loss" in metrics:
                 log.log(done, metrics)
             result["loss"] = loss_total
