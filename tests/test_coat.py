@@ -430,3 +430,20 @@ def test_text_init_starts_each_meta_token_at_its_words(tied):
     assert not torch.equal(model.get_input_embeddings().weight[ids[0]], model.get_input_embeddings().weight[ids[1]])
     with pytest.raises(SatoriError, match="init"):
         add_coat_tokens(make_tokenizer(), make_model(len(tok), tied), init="zeros")
+
+
+def test_text_init_takes_other_words_per_action():
+    from satori.coat import INIT_TEXT
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), tied=True)
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = add_coat_tokens(tok, model, init="text", init_text={"reflect": "check b", "explore": "a"})
+    emb = model.get_input_embeddings().weight
+    for text, i in ((INIT_TEXT[CONTINUE], ids[0]), ("check b", ids[1]), ("a", ids[2])):
+        source = tok(text, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(emb[i], old[source].mean(0))
+    with pytest.raises(SatoriError, match="unknown action 'verify'"):
+        add_coat_tokens(make_tokenizer(), make_model(len(tok), True), init="text", init_text={"verify": "x"})
+    with pytest.raises(SatoriError, match="coat_init_text.explore: needs a non-empty text"):
+        add_coat_tokens(make_tokenizer(), make_model(len(tok), True), init="text", init_text={"explore": ""})

@@ -244,7 +244,17 @@ def coat_token_ids(tokenizer) -> dict[str, int]:
 INIT_TEXT = {CONTINUE: "\n\n", REFLECT: "\n\nWait,", EXPLORE: "\n\nAlternatively,"}
 
 
-def add_coat_tokens(tokenizer, model=None, init: str = "mean") -> list[int]:
+def check_init_text(init_text: dict[str, str]) -> dict[str, str]:
+    """``init_text`` (action -> text) when every key is an action and every text non-empty."""
+    for action, text in init_text.items():
+        if action not in TOKEN_OF_ACTION:
+            raise SatoriError(f"coat_init_text: unknown action {action!r}; expected one of {sorted(TOKEN_OF_ACTION)}")
+        if not isinstance(text, str) or not text:
+            raise SatoriError(f"coat_init_text.{action}: needs a non-empty text, got {text!r}")
+    return init_text
+
+
+def add_coat_tokens(tokenizer, model=None, init: str = "mean", init_text: dict[str, str] | None = None) -> list[int]:
     """Add the three meta tokens to a Hugging Face tokenizer as special tokens.
 
     Idempotent: tokens already present are not added again. Existing extra special tokens are
@@ -261,12 +271,15 @@ def add_coat_tokens(tokenizer, model=None, init: str = "mean") -> list[int]:
     matrix are left as they are.
 
     ``init="text"`` starts the rows of the added meta tokens instead at the mean of the rows
-    of the tokens of :data:`INIT_TEXT` (input embedding, output weight and bias alike).
+    of the tokens of :data:`INIT_TEXT` (input embedding, output weight and bias alike);
+    ``init_text`` replaces the text of some of them, keyed by action (``{"reflect": ...}``):
+    the words *this* model writes where the action goes.
     """
     if init not in ("mean", "text"):
         raise SatoriError(f"COAT token init must be 'mean' or 'text', got {init!r}")
+    texts = {**INIT_TEXT, **{TOKEN_OF_ACTION[a]: t for a, t in check_init_text(init_text or {}).items()}}
     vocab_before = tokenizer.get_vocab()
-    text_ids = {t: tokenizer(INIT_TEXT[t], add_special_tokens=False)["input_ids"] for t in META_TOKENS}
+    text_ids = {t: tokenizer(texts[t], add_special_tokens=False)["input_ids"] for t in META_TOKENS}
     tokenizer.add_special_tokens(
         {"extra_special_tokens": list(META_TOKENS)}, replace_extra_special_tokens=False
     )

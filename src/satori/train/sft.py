@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from satori.coat import check_init_text
 from satori.config import check, to_dict, validate_all
 from satori.data import Problem, build_prompt, read_jsonl
 from satori.errors import SatoriError
@@ -74,6 +75,9 @@ class SFTConfig:
     coat_init: str = field(default="text", metadata={
         "help": "how the rows of newly added COAT tokens start: 'text' (the mean embedding of a paragraph "
                 "break, 'Wait,' and 'Alternatively,': satori.coat.INIT_TEXT) or 'mean' (of all rows)"})
+    coat_init_text: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "with coat_init 'text': other text for some actions, e.g. {reflect: 'Check:'}, the words the "
+                "model itself writes there"})
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -91,6 +95,7 @@ class SFTConfig:
         check(self.max_len > 8, f"max_len must be > 8, got {self.max_len}")
         check(self.save_every > 0 and self.eval_every > 0, "save_every and eval_every must be > 0")
         check(self.coat_init in ("text", "mean"), f"coat_init must be 'text' or 'mean', got {self.coat_init!r}")
+        check_init_text(self.coat_init_text)
         check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -262,7 +267,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.add_coat_tokens:
         from satori.coat import add_coat_tokens
 
-        add_coat_tokens(tokenizer, model, init=cfg.coat_init)
+        add_coat_tokens(tokenizer, model, init=cfg.coat_init, init_text=cfg.coat_init_text)
     examples = tokenize_examples(records, tokenizer, cfg, cfg.data)
     if cfg.valid_data:
         valid = tokenize_examples(read_jsonl(cfg.valid_data), tokenizer, cfg, cfg.valid_data)
