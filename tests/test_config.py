@@ -92,3 +92,14 @@ def test_partly_given_section_keeps_the_commands_defaults():
     p = argparse.ArgumentParser()
     add_config_arguments(p, RLConfig)
     assert config_from_args(RLConfig, p.parse_args(["--data.n", "7"])).data.path == "testbed:train"
+
+
+def test_a_mapping_flag_is_read_as_yaml():
+    from satori.train.sft import SFTConfig
+
+    cfg = parse(SFTConfig, ["--coat-init-text", '{reflect: "\\n\\nCheck:\\n", explore: ". "}'])
+    assert cfg.coat_init_text == {"reflect": "\n\nCheck:\n", "explore": ". "}
+    with pytest.raises(SatoriError, match="'coat_init_text' must be a mapping"):
+        parse(SFTConfig, ["--coat-init-text", "reflect"])
+    with pytest.raises(SatoriError, match="must be a mapping"):
+        parse(SFTConfig, ["--coat-init-text", "{unclosed"])

@@ -59,6 +59,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         items = [_coerce(v, inner, key, where) for v in value]
         return items if origin is list else tuple(items)
     if origin is dict:
+        if isinstance(value, str):  # a flag: '{reflect: "Check:"}' is read as YAML
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
         if not isinstance(value, dict):
             raise SatoriError(f"{_describe(where, key)} must be a mapping, got {value!r}")
         return dict(value)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from satori.coat import check_init_text
+from satori.coat import ACTION_OF_TOKEN, check_init_text, coat_token_ids
 from satori.config import check, to_dict, validate_all
 from satori.data import Problem, build_prompt, read_jsonl
 from satori.errors import SatoriError
@@ -209,8 +209,6 @@ def global_batch(n: int, seed: int, step: int, size: int) -> list[int]:
 
 def meta_token_ids(tokenizer: Any) -> dict[str, int]:
     """The COAT tokens' ids by action (``{"reflect": id, ...}``); empty for a tokenizer without them."""
-    from satori.coat import ACTION_OF_TOKEN, coat_token_ids
-
     try:
         return {ACTION_OF_TOKEN[token]: i for token, i in coat_token_ids(tokenizer).items()}
     except SatoriError:
