@@ -29,7 +29,7 @@ from typing import Sequence
 
 from satori.data import Problem
 from satori.synth.trajectory import Feedback, has_meta_token
-from satori.testbed.checker import check_steps, correct_step_text, parse_equation
+from satori.testbed.checker import check_steps, correct_step_text, first_wrong_prefix, parse_equation
 from satori.testbed.tasks import chain_values, ground_truth, operation_sentences
 
 
@@ -94,11 +94,11 @@ def _cap(s: str) -> str:
 def first_wrong_position(problem: Problem, texts: Sequence[str]):
     """``(m, check)``: the first line position whose prefix contains a wrong equation, and
     the checker's verdict on that prefix; ``(None, check of the whole line)`` if none does."""
-    for m in range(1, len(texts) + 1):
-        c = check_steps(problem, "\n\n".join(texts[:m]))
-        if c.first_wrong_step is not None and c.first_wrong_step <= c.n_steps:
-            return m, c
-    return None, check_steps(problem, "\n\n".join(texts))
+    prefixes = ["\n\n".join(texts[:m]) for m in range(1, len(texts) + 1)]
+    i = first_wrong_prefix(problem, prefixes)
+    if i is None:
+        return None, check_steps(problem, "\n\n".join(texts))
+    return i + 1, check_steps(problem, prefixes[i])
 
 
 def rule_correction(problem: Problem, texts: Sequence[str], key: str) -> Feedback | None:
