@@ -16,6 +16,11 @@ the answers the checks changed (wrong to right, right to wrong). Then, per model
 judged at the first forced check: a fixed answer was wrong there and repaired, or right there and
 only later steps came out differently; a broken answer was right there and the check called it
 wrong (a false alarm), or the check let it stand and a later step went wrong.
+
+A plain model (no COAT tokens, such as the testbed base, ``satori.testbed.BASE_MODEL_DIR``) is
+checked in its own words: its steps end at a blank line, and the forced check is the check cue
+the base read in its checking exercises (``satori.testbed.pretrain.CHECK_CUE``), written after
+the blank line; the check runs to the next blank line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,21 +38,43 @@ from satori.data import build_prompt
 from satori.rollout import decode, load_model, load_tokenizer
 from satori.testbed import make_problems
 from satori.testbed.checker import check_steps
+from satori.testbed.pretrain import CHECK_CUE
 from satori.utils import set_threads
 
 SEGMENT_TOKENS = 96  # one step or one check (with its correction) is far shorter
 
 
+@dataclass
+class Checking:
+    """How a model's checks are written: the tokens that end a step (or a check), what a forced
+    check puts in place of a step's ending, and the text that opens / closes a check."""
+
+    stops: list[int]
+    force: Callable[[list[int]], list[int]]
+    opens: str
+    closes: str
+
+
+def checking(tok) -> Checking:
+    """COAT models: a step's ``<|continue|>`` becomes ``<|reflect|>``. Plain models: after the blank
+    line that ends a step (any token whose text ends with one), the check cue."""
+    if REFLECT in tok.get_vocab():
+        ids = coat_token_ids(tok)
+        return Checking([ids[CONTINUE]], lambda seg: seg[:-1] + [ids[REFLECT]], REFLECT, CONTINUE)
+    blank = [i for t, i in tok.get_vocab().items() if tok.convert_tokens_to_string([t]).endswith("\n\n")]
+    cue = tok(CHECK_CUE[2:], add_special_tokens=False).input_ids
+    return Checking(blank, lambda seg: seg + cue, CHECK_CUE, "\n\n")
+
+
 @torch.no_grad()
 def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -> list[list[int]]:
-    """Greedy responses (token ids) to tokenized prompts, segment by segment: a segment ends at
-    ``<|continue|>`` or the end of sequence; for the first ``checks`` steps of each response a
-    step's ``<|continue|>`` becomes ``<|reflect|>`` and the check that follows runs to the next
-    ``<|continue|>``."""
-    ids = coat_token_ids(tok)
-    cont, refl, eos, pad = ids[CONTINUE], ids[REFLECT], tok.eos_token_id, tok.pad_token_id
+    """Greedy responses (token ids) to tokenized prompts, segment by segment: a segment ends where
+    a step ends (:func:`checking`) or at the end of sequence; for the first ``checks`` steps of each
+    response a check is forced there, and the check runs to the next step end."""
+    how = checking(tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
     resp: list[list[int]] = [[] for _ in prompts]
-    checking = [False] * len(prompts)  # the segment being written is a forced check
+    checking_now = [False] * len(prompts)  # the segment being written is a forced check
     forced = [0] * len(prompts)
     live = list(range(len(prompts)))
     while live:
@@ -54,18 +83,18 @@ def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
-                             max_new_tokens=SEGMENT_TOKENS, eos_token_id=[eos, cont])
+                             max_new_tokens=SEGMENT_TOKENS, eos_token_id=[eos, *how.stops])
         still = []
         for row, i in enumerate(live):
             new = out[row, width:].tolist()
-            stop = next((j for j, t in enumerate(new) if t in (eos, cont)), None)
+            stop = next((j for j, t in enumerate(new) if t == eos or t in how.stops), None)
             segment = new if stop is None else new[: stop + 1]
-            if stop is not None and segment[-1] == cont and forced[i] < checks and not checking[i]:
-                segment[-1] = refl
-                checking[i] = True
+            if stop is not None and segment[-1] != eos and forced[i] < checks and not checking_now[i]:
+                segment = how.force(segment)
+                checking_now[i] = True
                 forced[i] += 1
             elif stop is not None:
-                checking[i] = False
+                checking_now[i] = False
             resp[i] += segment
             if (stop is None or segment[-1] != eos) and len(resp[i]) < max_tokens:
                 still.append(i)
@@ -73,15 +102,15 @@ def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -
     return resp
 
 
-def why_changed(problem, text: str, fixed: bool) -> str:
+def why_changed(problem, text: str, fixed: bool, how: Checking) -> str:
     """Why forcing checks changed a greedy answer (``text``: the answer with checks), judged at its
-    first ``<|reflect|>``: was the line right there, and did the check call it wrong?"""
-    before, _, rest = text.partition(REFLECT)
+    first forced check: was the line right there, and did the check call it wrong?"""
+    before, _, rest = text.partition(how.opens)
     c = check_steps(problem, before)
     right_before = c.first_wrong_step is None or c.first_wrong_step > c.n_steps  # only steps still to come
     if fixed:
         return "fixed: wrong at the check, repaired" if not right_before else "fixed: right at the check, later steps differ"
-    check = rest.split(CONTINUE)[0]
+    check = rest.split(how.closes)[0]
     # a wrong verdict, in the testbed critic's wording (satori.synth.agents.WRONG_VERDICTS), even when
     # the model then forgets the <|explore|>
     says_wrong = EXPLORE in check or re.search(r"\bis not\b", check) is not None
@@ -94,7 +123,7 @@ def why_changed(problem, text: str, fixed: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", help="COAT model folders (format-tuned or RL)")
+    ap.add_argument("models", nargs="+", help="model folders: COAT (format-tuned or RL) or plain (the testbed base)")
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--max-tokens", type=int, default=512, help="response length limit")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -125,7 +154,8 @@ def main() -> None:
         broken = sum(g and not f for g, f in zip(right[False], right[True]))
         n = len(problems)
         print(f"| {path} | {sum(right[False]) / n:.3f} | {sum(right[True]) / n:.3f} | {fixed} | {broken} |")
-        reasons[path] = Counter(why_changed(p, t, f) for p, t, g, f in zip(problems, texts[True], right[False], right[True])
+        how = checking(tok)
+        reasons[path] = Counter(why_changed(p, t, f, how) for p, t, g, f in zip(problems, texts[True], right[False], right[True])
                                 if g != f)
     for path, counts in reasons.items():
         print(f"\n{path}: " + "; ".join(f"{why} {c}" for why, c in sorted(counts.items())))

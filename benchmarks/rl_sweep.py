@@ -13,8 +13,9 @@ P(reflect) after a wrong / right line by the step checker.
         --variant "t03=--temperature 0.3 --steps 40 --rollout-batch 128 --train-batch 64" \\
         --variant "grpo=--advantage grpo --critic-warmup 0 --n-samples 8 --rollout-batch 16 --train-batch 64"
 
-Writes each variant to ``OUT/NAME-sS`` and prints a markdown table; a finished variant is not
-run again (``satori rl`` resumes).
+Writes each variant to ``OUT/NAME-sS`` (its evaluation to ``OUT/NAME-sS/eval-n500-k8-first100``)
+and prints a markdown table; a finished variant or evaluation is not run again (``satori rl``
+resumes; an evaluation is reused only with the same ``--n``, ``--k`` and ``--sample-limit``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def main() -> None:
     base_yaml = args.out / f"round1-s{args.seed}.yaml"
     base_yaml.write_text(yaml.safe_dump(cfg))
 
+    # the evaluation settings name the folder, so a finished evaluation is reused only for the same ones
+    tag = f"n{args.n}" + (f"-k{args.k}-first{args.sample_limit}" if args.k else "")
+
     def measure(model: Path, out: Path) -> dict:
-        return evaluate(model, out, args.n, args.k, args.sample_limit)
+        return evaluate(model, out.with_name(f"{out.name}-{tag}"), args.n, args.k, args.sample_limit)
 
     rows = [("format-tuned", measure(Path(cfg["policy"]), args.out / f"eval-ft-s{args.seed}"))]
     for spec in args.variant:
