@@ -67,11 +67,10 @@ def checking(tok) -> Checking:
 
 
 @torch.no_grad()
-def answer(model, tok, prompts: list[list[int]], checks: int, max_tokens: int) -> list[list[int]]:
+def answer(model, tok, how: Checking, prompts: list[list[int]], checks: int, max_tokens: int) -> list[list[int]]:
     """Greedy responses (token ids) to tokenized prompts, segment by segment: a segment ends where
-    a step ends (:func:`checking`) or at the end of sequence; for the first ``checks`` steps of each
-    response a check is forced there, and the check runs to the next step end."""
-    how = checking(tok)
+    a step ends (``how``, from :func:`checking`) or at the end of sequence; for the first ``checks``
+    steps of each response a check is forced there, and the check runs to the next step end."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
     resp: list[list[int]] = [[] for _ in prompts]
     checking_now = [False] * len(prompts)  # the segment being written is a forced check
@@ -141,20 +140,20 @@ def main() -> None:
     for path in args.models:
         tok, model = load_tokenizer(path), load_model(path)
         model.eval()
+        how = checking(tok)
         texts, right = {}, {}  # the answers without / with the forced checks, and whether each is right
         for force in (False, True):
             texts[force] = []
             for b in range(0, len(problems), args.batch_size):
                 batch = problems[b : b + args.batch_size]
                 prompts = [tok(build_prompt(p, tok), add_special_tokens=False).input_ids for p in batch]
-                texts[force] += [decode(tok, ids) for ids in answer(model, tok, prompts, checks if force else 0,
+                texts[force] += [decode(tok, ids) for ids in answer(model, tok, how, prompts, checks if force else 0,
                                                                     args.max_tokens)]
             right[force] = [check_steps(p, t).final_correct for p, t in zip(problems, texts[force])]
         fixed = sum(f and not g for g, f in zip(right[False], right[True]))
         broken = sum(g and not f for g, f in zip(right[False], right[True]))
         n = len(problems)
         print(f"| {path} | {sum(right[False]) / n:.3f} | {sum(right[True]) / n:.3f} | {fixed} | {broken} |")
-        how = checking(tok)
         reasons[path] = Counter(why_changed(p, t, f, how) for p, t, g, f in zip(problems, texts[True], right[False], right[True])
                                 if g != f)
     for path, counts in reasons.items():
