@@ -103,3 +103,13 @@ def test_a_mapping_flag_is_read_as_yaml():
         parse(SFTConfig, ["--coat-init-text", "reflect"])
     with pytest.raises(SatoriError, match="must be a mapping"):
         parse(SFTConfig, ["--coat-init-text", "{unclosed"])
+
+
+def test_a_switch_given_alone_is_on():
+    from satori.pipeline import RunConfig
+
+    assert parse(RunConfig, ["--dry-run"]).dry_run is True
+    assert parse(RunConfig, ["--dry-run", "false"]).dry_run is False
+    assert parse(RunConfig, []).dry_run is False
+    with pytest.raises(SatoriError, match="must be true or false"):
+        parse(RunConfig, ["--dry-run", "maybe"])

@@ -203,8 +203,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if dotted in aliases:
             names.insert(0, "--" + aliases[dotted].replace("_", "-"))
         kind = "list" if get_origin(tp) in (list, tuple) else getattr(tp, "__name__", str(tp))
+        # a switch given alone is on (``--dry-run``); ``--dry-run false`` still turns it off
+        switch = {"nargs": "?", "const": "true"} if tp is bool else {}
         parser.add_argument(*names, dest="cfg:" + dotted, default=argparse.SUPPRESS, metavar=kind.upper()
-                            if kind in ("int", "float", "str") else "VALUE", help=help_text or None)
+                            if kind in ("int", "float", "str") else "VALUE", help=help_text or None, **switch)
 
 
 def _set_path(d: dict[str, Any], path: list[str], value: Any) -> None:
