@@ -22,8 +22,9 @@ Choices made here, each one deliberate:
   mistake, on a line that is still right. ``first_error`` (testbed problems only) asks the
   step checker where the line first goes wrong and cuts right after that step, so every
   negative state ends on a mistake that the reflection can find (its ``T`` may then exceed
-  ``t_max``); a wrong answer whose line has no wrong step keeps its drawn ``T``. The cut is still at least ``t_min`` steps back,
-  so with ``t_min: 1`` a mistake in the final step leaves a state that ends before it.
+  ``t_max``); a wrong answer whose line has no wrong step keeps its drawn ``T``. The cut is
+  still at least ``t_min`` steps back, so with ``t_min: 1`` a mistake in the final step leaves
+  a state that ends before it.
 * **``t_min``** (default 0, the paper's range ``0..2``) cuts back at least ``t_min`` steps.
   With 1, no state reflects after a finished answer: for a model whose demonstrations only
   ever reflect right after the step they check (``synth.reflect_position: step``), a
