@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from satori.config import load_config
-from satori.pipeline import SHIPPED_BASE, PipelineConfig, run_pipeline
+from satori.errors import SatoriError
+from satori.pipeline import SHIPPED_BASE, PipelineConfig, dry_run, run_pipeline
 
 # every stage at its smallest: a handful of problems, one or two optimiser steps
 TOY = {
@@ -21,6 +24,7 @@ TOY = {
     "rae": {"k": 2, "max_new_tokens": 96, "t_max": 1},
     "rl": {"steps": 2, "critic_warmup": 1, "rollout_batch": 4, "train_batch": 4, "micro_batch": 4,
            "max_new_tokens": 48, "save_every": 100},
+    "distill_data": {"path": "testbed:train", "n": 12},  # its own pool, larger than RL's 8 problems
     "distill": {"n_samples": 2, "max_new_tokens": 48, "sft": {"max_steps": 1, "batch_size": 4}},
     "rl2": {"steps": 1, "n_samples": 2, "rollout_batch": 2, "train_batch": 4, "micro_batch": 4,
             "max_new_tokens": 48, "save_every": 100},
@@ -46,6 +50,8 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     assert (tmp_path / "run-a" / "report.md").is_file() and (tmp_path / "run-a" / "report.html").is_file()
     results = json.loads((tmp_path / "run-a" / "results.json").read_text())
     assert results["models"]["rl_round1"]["seeds"]["0"]["test"]["n"] == 4
+    distill = json.loads((tmp_path / "run-a" / "distill-s0" / "stage.json").read_text())["result"]
+    assert distill["selection"]["problems"] == 12  # the distillation pool, not the 8 train problems
 
     # the run folder moves and the base model is read from another checkout: nothing re-runs
     shutil.move(tmp_path / "run-a", tmp_path / "run-b")
@@ -58,3 +64,21 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     assert all(s["skipped"] for s in again["stages"]), [s["name"] for s in again["stages"] if not s["skipped"]]
     assert again["models"]["rl_round1"] == first["models"]["rl_round1"]
 
+
+
+def test_distillation_samples_the_train_data_unless_given_its_own_pool():
+    cfg = load_config(PipelineConfig, overrides={k: v for k, v in TOY.items() if k != "distill_data"})
+    assert cfg.distill_data.path == "" and cfg.distill_pool() == cfg.train_data
+    cfg = load_config(PipelineConfig, overrides=TOY)
+    assert cfg.distill_pool() == cfg.distill_data and cfg.distill_pool().n == 12
+
+
+def test_the_dry_run_reads_the_distillation_pool_and_names_a_missing_file(tmp_path):
+    lines: list[str] = []
+    report = dry_run(load_config(PipelineConfig, overrides=TOY), echo=lines.append)
+    assert report["train_data"] == 8 and report["distill_data"] == 12
+    assert lines[-1] == "dry run passed: nothing was trained"
+    missing = tmp_path / "pool.jsonl"
+    cfg = load_config(PipelineConfig, overrides={**TOY, "distill_data": {"path": str(missing)}})
+    with pytest.raises(SatoriError, match="pool.jsonl"):
+        dry_run(cfg, echo=lines.append)

@@ -64,6 +64,9 @@ class PipelineConfig:
     valid_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:valid", n=100))
     test_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:test", n=200))
     ood_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:ood", n=100))
+    distill_data: DataConfig = field(default_factory=lambda: DataConfig(path=""), metadata={
+        "help": "the pool the round-1 policy is sampled on for distillation (path '' = train_data); a pool "
+                "larger than RL's problems gives the base model more of the hardest solved ones"})
     synth: SynthConfig = field(default_factory=SynthConfig)
     format_sft: SFTConfig = field(default_factory=SFTConfig)
     orm: ORMConfig = field(default_factory=ORMConfig)
@@ -96,6 +99,10 @@ class PipelineConfig:
         check(not bad, f"unknown branch(es) {bad}; known: ['satori', 'latro']")
         check(not self.ablations or "satori" in self.branches, "ablations need the satori branch")
         check(0 < self.format_fix_share <= 1, f"format_fix_share must be in (0, 1], got {self.format_fix_share}")
+
+    def distill_pool(self) -> DataConfig:
+        """Distillation's problems: ``distill_data`` when it names a path, else the train data."""
+        return self.distill_data if self.distill_data.path else self.train_data
 
 
 @dataclass
@@ -240,8 +247,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
                           orm=str(orm_dir), restart=buffer)
             # iterative self-improvement: distil into the base model, then round 2
             dist_dir = run_dir / f"distill{s}"
-            dist_cfg = _with(cfg.distill, policy=r1, base=base, out=str(dist_dir), data=cfg.train_data, seed=seed,
-                             sft=_with(cfg.distill.sft, resume=True))
+            dist_cfg = _with(cfg.distill, policy=r1, base=base, out=str(dist_dir), data=cfg.distill_pool(),
+                             seed=seed, sft=_with(cfg.distill.sft, resume=True))
             runner.run(f"distill{s}", to_dict(_with(dist_cfg, out="")), [f"rl_round1{s}"] + base_dep,
                        lambda f: run_distill(dist_cfg))
             evaluate_stage("distilled", str(dist_dir / "model"), seed, [f"distill{s}"], "distilled base model")
@@ -413,7 +420,7 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
     from satori.rollout import load_tokenizer
 
     report: dict[str, Any] = {}
-    for name in ("train_data", "valid_data", "test_data", "ood_data"):
+    for name in ("train_data", "valid_data", "test_data", "ood_data", "distill_data"):
         data = getattr(cfg, name)
         if data.path:
             n = len(load_problems(data))
