@@ -65,7 +65,6 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     assert again["models"]["rl_round1"] == first["models"]["rl_round1"]
 
 
-
 def test_distillation_samples_the_train_data_unless_given_its_own_pool():
     cfg = load_config(PipelineConfig, overrides={k: v for k, v in TOY.items() if k != "distill_data"})
     assert cfg.distill_data.path == "" and cfg.distill_pool() == cfg.train_data
