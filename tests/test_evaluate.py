@@ -58,12 +58,24 @@ def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
         s = Sample(prompt="", text=text, prompt_ids=[], response_ids=[1, 2], truncated=False)
         greedy.append(response_record(s, problem, "5", True))
     assert greedy[0]["step_reflects"] == {"wrong": 1, "wrong_reflected": 1, "right": 1, "right_reflected": 0,
-                                          "wrong_repaired": 1}
+                                          "wrong_repaired": 1, "right_broken": 0}
     steps = compute_metrics([{"level": 1, "samples": [], "greedy": g} for g in greedy])["reflection"]["steps"]
-    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1, "wrong_repaired": 1}
-    assert steps["p_repair_after_reflect"] == 1.0
+    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1, "wrong_repaired": 1,
+                               "right_broken": 0}
+    assert steps["p_repair_after_reflect"] == 1.0 and steps["p_break_after_reflect"] == 0.0
     assert steps["p_reflect_after_wrong"] == 1.0 and steps["p_reflect_after_right"] == 0.25
     assert steps["p_wrong_given_reflect"] == 0.5
+    # a reflection on a right line breaks it when the step after it is wrong: a false alarm's explore, or a
+    # slip in the step after <|continue|>; a step right after the reflection that keeps the line right does not
+    two = Problem(id="u", question="", answer="10", meta={"start": 2, "ops": [["+", 3], ["*", 2]]})
+    check = "Step 1: 2 + 3 = 5" + REFLECT + "Let me check step 1."
+    cases = {check + EXPLORE + "Step 1: 2 + 3 = 6" + CONTINUE + "Step 2: 6 * 2 = 12": (1, 1),
+             check + CONTINUE + "Step 2: 5 * 2 = 11": (1, 1),
+             check + CONTINUE + "Step 2: 5 * 2 = 10" + REFLECT + "Let me check step 2.": (2, 0)}  # the last: no next step
+    for text, (reflected, broken) in cases.items():
+        rec = response_record(Sample(prompt="", text=text, prompt_ids=[], response_ids=[1], truncated=False),
+                              two, None, False)["step_reflects"]
+        assert (rec["right_reflected"], rec["right_broken"]) == (reflected, broken), text
     # a problem without testbed ground truth has no step counts, and the metrics have no "steps" block
     other = response_record(Sample(prompt="", text=right_plain, prompt_ids=[], response_ids=[1], truncated=False),
                             Problem(id="g", question="", answer="5"), "5", True)

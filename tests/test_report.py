@@ -32,7 +32,9 @@ def metrics(pass1: float, reflect: float = 0.3, ft: int = 2, tf: int = 1, levels
         "truncation_rate": 0.0, "mean_tokens": 80.0, "reflection": reflection,
         "sampled": {"n": 400, "reflect_rate": reflect, "explore_rate": reflect / 2,
                     "reflection": {**reflection, "steps": {"p_reflect_after_wrong": reflect / 2,
-                                                           "p_reflect_after_right": reflect / 8}}},
+                                                           "p_reflect_after_right": reflect / 8,
+                                                           "p_repair_after_reflect": reflect / 3,
+                                                           "p_break_after_reflect": reflect / 5}}},
     }
     if maj is not None:
         m.update({"k": 8, "k_problems": 20, "pass@8": maj + 0.1, "maj@8": maj, "sample_accuracy": pass1})
@@ -218,6 +220,7 @@ def test_write_report_files(results, tmp_path):
     assert "42.0 ± 2.8" in md and "maj@8 (%)" in md
     assert "Test split unless noted (50 problems; maj@k and the sampled columns over the first 20)" in md
     assert "reflect after a wrong / right step, sampled (%)" in md and "| 15.0 ± 0.0 / 3.8 ± 0.0 |" in md
+    assert "repair / break after a reflect, sampled (%)" in md and "3.8 ± 0.0 | 10.0 ± 0.0 / 6.0 ± 0.0 |" in md
     assert "![" in md and "(plots/rl_reward.png)" in md
     assert "| pretrain | 1.2 | yes (cached) |" in md
     assert "satori run configs/quick.yaml" in md and "13 min 32 s" in md

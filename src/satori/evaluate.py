@@ -177,19 +177,24 @@ def reflection_stats(responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def step_reflection_stats(counts: Sequence[dict[str, int]]) -> dict[str, Any]:
     """Whether reflections follow mistakes: P(reflect | the line so far is wrong) against
     P(reflect | it is right), over every step of every response (``step_reflects`` counts,
-    from :func:`satori.testbed.checker.reflection_points`), P(wrong | reflect), and how often
-    a reflection on a wrong line is followed by a step that puts the line right."""
+    from :func:`satori.testbed.checker.reflection_points`), P(wrong | reflect), and what the
+    step after a reflection does to the line: puts a wrong line right (a repair) or a right
+    line wrong (a break). These two are the reflection's own effect; the answer-level F→T /
+    T→F counts of a mid-solution reflection also take in every later step's slips."""
     tot = Counter()
     for c in counts:
         tot.update(c)
     reflected = tot["wrong_reflected"] + tot["right_reflected"]
     return {
-        "counts": {key: tot[key] for key in ("wrong", "wrong_reflected", "right", "right_reflected", "wrong_repaired")},
+        "counts": {key: tot[key] for key in ("wrong", "wrong_reflected", "right", "right_reflected", "wrong_repaired",
+                                             "right_broken")},
         "p_reflect_after_wrong": _rate(tot["wrong_reflected"], tot["wrong"]),
         "p_reflect_after_right": _rate(tot["right_reflected"], tot["right"]),
         "p_wrong_given_reflect": _rate(tot["wrong_reflected"], reflected),
         # of the reflections after a wrong line, the share whose next step puts the line right
         "p_repair_after_reflect": _rate(tot["wrong_repaired"], tot["wrong_reflected"]),
+        # of the reflections after a right line, the share whose next step puts the line wrong
+        "p_break_after_reflect": _rate(tot["right_broken"], tot["right_reflected"]),
     }
 
 
@@ -251,7 +256,10 @@ def step_reflect_counts(points: Sequence[tuple[bool, bool]]) -> dict[str, int]:
     return {"wrong": sum(not ok for ok, _ in points), "wrong_reflected": sum(r and not ok for ok, r in points),
             "right": sum(ok for ok, _ in points), "right_reflected": sum(r and ok for ok, r in points),
             # a reflection after a wrong line, and the next step (the explore) makes the line right
-            "wrong_repaired": sum(r and not ok and nxt for (ok, r), (nxt, _) in zip(points, points[1:]))}
+            "wrong_repaired": sum(r and not ok and nxt for (ok, r), (nxt, _) in zip(points, points[1:])),
+            # a reflection after a right line, and the next step (the explore, or the step after
+            # a <|continue|>) makes the line wrong
+            "right_broken": sum(r and ok and not nxt for (ok, r), (nxt, _) in zip(points, points[1:]))}
 
 
 def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalConfig,
