@@ -31,7 +31,8 @@ TOY = {
     "latro": {"k": 2, "steps": 1, "batch_size": 2, "micro_batch": 2, "max_rationale_tokens": 32,
               "eval_every": 100, "save_every": 100},
     "gold_sft": {"max_steps": 1, "batch_size": 4},
-    "eval": {"k": 2, "gen": {"max_new_tokens": 64}},
+    "eval": {"k": 2, "sample_limit": 2, "gen": {"max_new_tokens": 64}},
+    "claim_sample_limit": 3,  # the F→T claim's two models sample more of the test problems
 }
 
 
@@ -50,6 +51,8 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     assert (tmp_path / "run-a" / "report.md").is_file() and (tmp_path / "run-a" / "report.html").is_file()
     results = json.loads((tmp_path / "run-a" / "results.json").read_text())
     assert results["models"]["rl_round1"]["seeds"]["0"]["test"]["n"] == 4
+    sampled = {name: m["seeds"]["0"]["test"]["k_problems"] for name, m in results["models"].items()}
+    assert sampled == {name: 3 if name in ("sft_coat", "rl_round1") else 2 for name in results["models"]}
     distill = json.loads((tmp_path / "run-a" / "distill-s0" / "stage.json").read_text())["result"]
     assert distill["selection"]["problems"] == 12  # the distillation pool, not the 8 train problems
 

@@ -77,6 +77,10 @@ class PipelineConfig:
     latro: LatroConfig = field(default_factory=LatroConfig)
     gold_sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(k=8))
+    claim_sample_limit: int = field(default=0, metadata={
+        "help": "draw the k samples of the models a claim compares on their sampled answers (the F→T claim: "
+                "sft_coat and rl_round1) for the first N test problems, not eval.sample_limit (0: the same). A "
+                "share of the few reflected answers that changed needs more samples than the other columns"})
     branches: list[str] = field(default_factory=lambda: ["satori", "latro"])
     ablations: list[str] = field(default_factory=list)
     trajectories_per_model: int = field(default=6, metadata={"help": "examples in the report's viewer"})
@@ -99,6 +103,16 @@ class PipelineConfig:
         check(not bad, f"unknown branch(es) {bad}; known: ['satori', 'latro']")
         check(not self.ablations or "satori" in self.branches, "ablations need the satori branch")
         check(0 < self.format_fix_share <= 1, f"format_fix_share must be in (0, 1], got {self.format_fix_share}")
+        check(self.claim_sample_limit >= 0, f"claim_sample_limit must be >= 0, got {self.claim_sample_limit}")
+
+    def eval_for(self, model: str) -> EvalConfig:
+        """The evaluation settings of ``model``: ``eval``, with ``claim_sample_limit`` for the models a
+        claim compares on their sampled answers."""
+        from satori.report import SAMPLED_CLAIM_MODELS
+
+        if self.claim_sample_limit and model in SAMPLED_CLAIM_MODELS:
+            return _with(self.eval, sample_limit=self.claim_sample_limit)
+        return self.eval
 
     def distill_pool(self) -> DataConfig:
         """Distillation's problems: ``distill_data`` when it names a path, else the train data."""
@@ -132,16 +146,16 @@ def resolve_base(cfg: PipelineConfig) -> str | None:
     return cfg.base_model
 
 
-def _eval_model(model_dir: str, cfg: PipelineConfig, seed: int, out: Path) -> dict[str, Any]:
+def _eval_model(model_dir: str, cfg: PipelineConfig, eval_cfg: EvalConfig, seed: int, out: Path) -> dict[str, Any]:
     """Test split (greedy + k samples) and OOD split (greedy) metrics; samples written to ``out``."""
     from satori.rollout import load_model, load_tokenizer
 
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     result: dict[str, Any] = {}
-    for split, data, k in (("test", cfg.test_data, cfg.eval.k), ("ood", cfg.ood_data, 0)):
+    for split, data, k in (("test", cfg.test_data, eval_cfg.k), ("ood", cfg.ood_data, 0)):
         if not data.path:
             continue
-        ecfg = _with(cfg.eval, model=model_dir, data=data, k=k, seed=seed)
+        ecfg = _with(eval_cfg, model=model_dir, data=data, k=k, seed=seed)
         metrics, records = evaluate(model, tok, load_problems(data), ecfg)
         write_jsonl(out / f"{split}_samples.jsonl", records)
         result[split] = metrics
@@ -197,10 +211,10 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
     trajectories: list[dict[str, Any]] = []
 
     def evaluate_stage(name: str, model_dir: str, seed: int, deps: list[str], label: str) -> None:
-        stage = f"eval_{name}-s{seed}"
-        res = runner.run(stage, {"eval": to_dict(cfg.eval), "test": to_dict(cfg.test_data),
+        stage, eval_cfg = f"eval_{name}-s{seed}", cfg.eval_for(name)
+        res = runner.run(stage, {"eval": to_dict(eval_cfg), "test": to_dict(cfg.test_data),
                                  "ood": to_dict(cfg.ood_data), "seed": seed}, deps,
-                         lambda folder: _eval_model(model_dir, cfg, seed, folder))
+                         lambda folder: _eval_model(model_dir, cfg, eval_cfg, seed, folder))
         models.setdefault(name, {"label": label, "seeds": {}})["seeds"][str(seed)] = res
         if seed == cfg.seeds[0]:
             trajectories.extend(_pick_trajectories(run_dir / stage / "test_samples.jsonl", name,

@@ -56,6 +56,8 @@ COMPARISON_CLAIMS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("LaTRO beats the base model", "latro", "base", "test", "pass@1", ">"),
     ("LaTRO beats SFT on gold rationales", "latro", "sft_gold", "test", "pass@1", ">"),
 )
+#: the models a claim compares on their sampled answers (the F→T claim's two)
+SAMPLED_CLAIM_MODELS = frozenset(m for c in COMPARISON_CLAIMS if c[4].startswith("sampled.") for m in c[1:3])
 LENGTH_CLAIM = "response length first drops then grows during RL"
 LENGTH_RUN = "rl_round1"
 MIN_CURVE_POINTS = 6
