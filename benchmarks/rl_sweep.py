@@ -79,7 +79,8 @@ def main() -> None:
     base_yaml.write_text(yaml.safe_dump(cfg))
 
     # the evaluation settings name the folder, so a finished evaluation is reused only for the same ones
-    tag = args.data.replace("testbed:", "").replace("/", "_") + f"-n{args.n}" + (f"-k{args.k}-first{args.sample_limit}" if args.k else "")
+    tag = (args.data.replace("testbed:", "").replace("/", "_") + f"-n{args.n}"
+           + (f"-k{args.k}-first{args.sample_limit}" if args.k else ""))
 
     def measure(model: Path, out: Path) -> dict:
         return evaluate(model, out.with_name(f"{out.name}-{tag}"), args.data, args.n, args.k, args.sample_limit)

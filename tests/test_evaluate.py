@@ -71,7 +71,8 @@ def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
     check = "Step 1: 2 + 3 = 5" + REFLECT + "Let me check step 1."
     cases = {check + EXPLORE + "Step 1: 2 + 3 = 6" + CONTINUE + "Step 2: 6 * 2 = 12": (1, 1),
              check + CONTINUE + "Step 2: 5 * 2 = 11": (1, 1),
-             check + CONTINUE + "Step 2: 5 * 2 = 10" + REFLECT + "Let me check step 2.": (2, 0)}  # the last: no next step
+             # the second reflection has no step after it
+             check + CONTINUE + "Step 2: 5 * 2 = 10" + REFLECT + "Let me check step 2.": (2, 0)}
     for text, (reflected, broken) in cases.items():
         rec = response_record(Sample(prompt="", text=text, prompt_ids=[], response_ids=[1], truncated=False),
                               two, None, False)["step_reflects"]

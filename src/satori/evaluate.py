@@ -253,13 +253,15 @@ def step_reflect_counts(points: Sequence[tuple[bool, bool]]) -> dict[str, int]:
     """Steps after which the line of reasoning is wrong / right, and how many of each a
     ``<|reflect|>`` follows (from :func:`satori.testbed.checker.reflection_points`; see
     :func:`step_reflection_stats`)."""
+    # each reflection that a step follows: (the line before it is right, the line after that step is right)
+    followed = [(ok, nxt) for (ok, r), (nxt, _) in zip(points, points[1:]) if r]
     return {"wrong": sum(not ok for ok, _ in points), "wrong_reflected": sum(r and not ok for ok, r in points),
             "right": sum(ok for ok, _ in points), "right_reflected": sum(r and ok for ok, r in points),
             # a reflection after a wrong line, and the next step (the explore) makes the line right
-            "wrong_repaired": sum(r and not ok and nxt for (ok, r), (nxt, _) in zip(points, points[1:])),
+            "wrong_repaired": sum(not ok and nxt for ok, nxt in followed),
             # a reflection after a right line, and the next step (the explore, or the step after
             # a <|continue|>) makes the line wrong
-            "right_broken": sum(r and ok and not nxt for (ok, r), (nxt, _) in zip(points, points[1:]))}
+            "right_broken": sum(ok and not nxt for ok, nxt in followed)}
 
 
 def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalConfig,
