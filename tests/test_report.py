@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from satori.report import compute_claims, length_claim, mean_std, script_json, smooth, write_report
+from satori.report import claims_rows, compute_claims, length_claim, mean_std, script_json, smooth, write_report
 
 XSS = "<script>alert(1)</script>"
 CHROMIUM = "/usr/bin/chromium"
@@ -324,3 +324,24 @@ def test_html_in_headless_chromium(results, tmp_path):
     img = Image.open(shot).convert("RGB")
     colours = img.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50
+
+
+def test_claims_pair_the_models_of_each_seed():
+    # seed 2 of the format-tuned model was not measured: only seeds 0 and 1 pair up
+    results = {"models": {"rl_round1": model("r1", [0.90, 0.91, 0.92]), "sft_coat": model("s", [0.88, 0.92])}}
+    claim = by_name(compute_claims(results))["RL beats format tuning"]
+    n = claim["numbers"]
+    assert n["seed_diffs"] == pytest.approx({"0": 0.02, "1": -0.01})
+    assert n["seeds_ahead"] == 1
+    assert n["paired_mean"] == pytest.approx(0.005) and n["paired_std"] == pytest.approx(math.sqrt(0.03 ** 2 / 2))
+    assert "Paired by seed (0, 1): +2.0 / -1.0" in claim["detail"] and "ahead in 1 of 2" in claim["detail"]
+    header, rows = claims_rows([claim])
+    assert rows[0][header.index("seeds ahead")] == "1 of 2"
+    # "round 2 ≥ round 1" counts a tie as level
+    results["models"]["rl_round2"] = model("r2", [0.90, 0.90, 0.93])
+    tie = by_name(compute_claims(results))["round 2 ≥ round 1"]
+    assert tie["numbers"]["seeds_ahead"] == 2 and "level or ahead in 2 of 3" in tie["detail"]
+    # one seed: nothing to pair, no column value
+    single = {"models": {"rl_round1": model("r1", [0.5]), "sft_coat": model("s", [0.1])}}
+    one = by_name(compute_claims(single))["RL beats format tuning"]
+    assert "seed_diffs" not in one["numbers"] and claims_rows([one])[1][0][4] == "—"

@@ -111,14 +111,27 @@ def node_at(metrics: Any, keys: list[str]) -> Any:
 
 def seed_values(results: dict[str, Any], model: str, split: str, path: str) -> list[float]:
     """The metric of ``model`` on ``split`` for every seed that measured it (seed-key order)."""
+    return list(values_by_seed(results, model, split, path).values())
+
+
+def values_by_seed(results: dict[str, Any], model: str, split: str, path: str) -> dict[str, float]:
+    """``{seed: value}`` of the metric of ``model`` on ``split``, for every seed that measured it,
+    in seed order."""
     seeds = results.get("models", {}).get(model, {}).get("seeds", {})
-    values = []
+    values = {}
     for key in sorted(seeds, key=_seed_sort_key):
         metrics = seeds[key].get(split)
         value = metric_value(metrics, path) if metrics else None
         if value is not None:
-            values.append(value)
+            values[str(key)] = value
     return values
+
+
+def paired_differences(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """``{seed: a - b}`` over the seeds both measured. A pipeline seed pairs its models (round 1
+    starts from that seed's format-tuned model), so these differences, not the two spreads, say
+    how much seed to seed variation a comparison has to clear."""
+    return {seed: a[seed] - b[seed] for seed in a if seed in b}
 
 
 def _seed_sort_key(key: Any) -> tuple[int, Any]:
@@ -162,7 +175,8 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
     ``sqrt((std_A² + std_B²) / 2)``; None unless both sides have at least 2 seeds. The verdict
     never depends on significance.
     """
-    va, vb = seed_values(results, a, split, path), seed_values(results, b, split, path)
+    by_a, by_b = values_by_seed(results, a, split, path), values_by_seed(results, b, split, path)
+    va, vb = list(by_a.values()), list(by_b.values())
     numbers: dict[str, Any] = {"a": a, "b": b, "split": split, "metric": path, "rule": rule,
                                "values_a": va, "values_b": vb}
     missing = [m for m, v in ((a, va), (b, vb)) if not v]
@@ -183,6 +197,14 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
            None: "too few seeds to compare with the spread"}[significant]
     detail = (f"{a} {split} {_metric_label(path)} {_pm(ma, sa, len(va))} (n={len(va)}) vs {b} "
               f"{_pm(mb, sb, len(vb))} (n={len(vb)}): difference {diff * 100:+.1f} points, {sig}.")
+    paired = paired_differences(by_a, by_b)
+    if len(paired) >= 2:
+        ahead = sum(d > 0 if rule == ">" else d >= 0 for d in paired.values())
+        md, sd = mean_std(list(paired.values()))
+        numbers.update(seed_diffs=paired, seeds_ahead=ahead, paired_mean=md, paired_std=sd)
+        detail += (f" Paired by seed ({', '.join(paired)}): " + " / ".join(f"{d * 100:+.1f}" for d in paired.values())
+                   + f", {md * 100:+.1f} ± {sd * 100:.1f}; {a} {'ahead' if rule == '>' else 'level or ahead'} in "
+                   f"{ahead} of {len(paired)}.")
     if path.endswith("_share"):  # a share of few events: say how many
         ca, cb = changed_answers(results, a, split, path), changed_answers(results, b, split, path)
         numbers.update(changed_a=ca, changed_b=cb)
@@ -252,6 +274,11 @@ def compute_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- formatting
+
+CLAIMS_RULE = ("\"A beats B\" holds when mean(A) > mean(B) over seeds; \"beyond pooled std\" reports whether "
+               "the difference exceeds sqrt((std_A² + std_B²)/2), and \"seeds ahead\" in how many seeds A beats "
+               "the B of the same seed (a seed's models share its earlier stages: round 1 starts from that seed's "
+               "format-tuned model); neither decides the verdict.")
 
 
 def _pct(x: float) -> str:
@@ -341,14 +368,15 @@ def verdict_text(held: bool | None) -> str:
 
 def claims_rows(claims: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the claims table."""
-    header = ["claim", "verdict", "difference", "beyond pooled std", "numbers"]
+    header = ["claim", "verdict", "difference", "beyond pooled std", "seeds ahead", "numbers"]
     rows = []
     for c in claims:
-        diff = c["numbers"].get("diff")
-        sig = c["numbers"].get("significant")
+        n = c["numbers"]
+        diff, sig = n.get("diff"), n.get("significant")
+        ahead = f"{n['seeds_ahead']} of {len(n['seed_diffs'])}" if "seed_diffs" in n else "—"
         rows.append([c["name"], verdict_text(c["held"]),
                      "" if diff is None else f"{diff * 100:+.1f} points",
-                     {True: "yes", False: "no", None: "—"}[sig], c["detail"]])
+                     {True: "yes", False: "no", None: "—"}[sig], ahead, c["detail"]])
     return header, rows
 
 
@@ -561,8 +589,7 @@ def render_markdown(results: dict[str, Any], claims: list[dict[str, Any]], plots
               results_scope(results), "",
               markdown_table(*results_rows(results)),
               f"## Claims ({n_held} of {n_measured} measured held)", "",
-              "\"A beats B\" holds when mean(A) > mean(B) over seeds; \"beyond pooled std\" reports whether "
-              "the difference exceeds sqrt((std_A² + std_B²)/2) and does not decide the verdict.", "",
+              CLAIMS_RULE, "",
               markdown_table(*claims_rows(claims)), "## Plots", ""]
     if plots:
         for path, caption in plots.values():
@@ -746,8 +773,7 @@ def render_html(results: dict[str, Any], claims: list[dict[str, Any]], plots: di
 <p>{esc(results_scope(results))}</p>
 {html_table(*results_rows(results), table_id="results-table")}</section>
 <section id="claims"><h2>Claims ({n_held} of {n_measured} measured held)</h2>
-<p>"A beats B" holds when mean(A) &gt; mean(B) over seeds; "beyond pooled std" reports whether the
-difference exceeds sqrt((std_A² + std_B²)/2) and does not decide the verdict.</p>
+<p>{esc(CLAIMS_RULE)}</p>
 {html_table(*claims_rows(claims), table_id="claims-table", row_classes=claim_classes)}</section>
 <section id="plots"><h2>Plots</h2><div class="plots">{''.join(figures) or '<p>No plot data in this run.</p>'}</div></section>
 <section id="viewer"><h2>Trajectories</h2>
