@@ -8,7 +8,7 @@ of ``--data`` (validation by default: settings are chosen there, the test split 
 500 problems give a standard error of about 1.3 points at 90%),
 and with ``--k`` sampled as the presets sample (T 0.7) on the first ``--sample-limit`` of them,
 for the reflection figures: how often the samples reflect, their F→T / T→F counts,
-P(reflect) after a wrong / right line by the step checker, and how often the step after a
+P(reflect) after a fresh mistake / a wrong / a right line by the step checker, and how often the step after a
 reflection repairs a wrong line / breaks a right one.
 
     .venv/bin/python benchmarks/rl_sweep.py RUN --seed 0 --n 500 \\
@@ -52,7 +52,7 @@ def row(name: str, m: dict) -> str:
         steps = refl.get("steps", {})
         cells += [f"{m['sample_accuracy']:.3f}", f"{m['sampled']['reflect_rate']:.3f}",
                   f"{refl['counts']['F->T']} / {refl['counts']['T->F']}",
-                  f"{steps.get('p_reflect_after_wrong', 0):.3f} / {steps.get('p_reflect_after_right', 0):.3f}",
+                  " / ".join(f"{steps.get(f'p_reflect_after_{w}', 0):.3f}" for w in ("mistake", "wrong", "right")),
                   f"{steps.get('p_repair_after_reflect', 0):.3f} / {steps.get('p_break_after_reflect', 0):.3f}"]
     return "| " + " | ".join(cells) + " |"
 
@@ -98,7 +98,7 @@ def main() -> None:
     head = [f"model (seed {args.seed})", f"greedy pass@1 on {args.n} problems of {args.data}"]
     if args.k:
         head += [f"sample accuracy (k {args.k}, first {args.sample_limit})", "reflect rate (sampled)", "F→T / T→F",
-                 "P(reflect) after a wrong / right line", "repair / break after a reflect"]
+                 "P(reflect) after a mistake / a wrong / a right line", "repair / break after a reflect"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, m in rows:
         print(row(name, m))

@@ -58,10 +58,11 @@ def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
         s = Sample(prompt="", text=text, prompt_ids=[], response_ids=[1, 2], truncated=False)
         greedy.append(response_record(s, problem, "5", True))
     assert greedy[0]["step_reflects"] == {"wrong": 1, "wrong_reflected": 1, "right": 1, "right_reflected": 0,
-                                          "wrong_repaired": 1, "right_broken": 0}
+                                          "mistakes": 1, "mistakes_reflected": 1, "wrong_repaired": 1, "right_broken": 0}
     steps = compute_metrics([{"level": 1, "samples": [], "greedy": g} for g in greedy])["reflection"]["steps"]
-    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1, "wrong_repaired": 1,
-                               "right_broken": 0}
+    assert steps["counts"] == {"wrong": 1, "wrong_reflected": 1, "right": 4, "right_reflected": 1, "mistakes": 1,
+                               "mistakes_reflected": 1, "wrong_repaired": 1, "right_broken": 0}
+    assert steps["p_reflect_after_mistake"] == 1.0
     assert steps["p_repair_after_reflect"] == 1.0 and steps["p_break_after_reflect"] == 0.0
     assert steps["p_reflect_after_wrong"] == 1.0 and steps["p_reflect_after_right"] == 0.25
     assert steps["p_wrong_given_reflect"] == 0.5
@@ -77,6 +78,22 @@ def test_reflections_after_wrong_and_right_steps_of_testbed_answers():
         rec = response_record(Sample(prompt="", text=text, prompt_ids=[], response_ids=[1], truncated=False),
                               two, None, False)["step_reflects"]
         assert (rec["right_reflected"], rec["right_broken"]) == (reflected, broken), text
+    # a mistake is the step that makes a right line wrong: a line that stays wrong, or goes wrong again after a
+    # repair, counts each fresh slip once (wrong, wrong_reflected, mistakes, mistakes_reflected)
+    three = Problem(id="v", question="", answer="13", meta={"start": 2, "ops": [["+", 3], ["*", 2], ["+", 3]]})
+    mistakes = {
+        # wrong at step 1, still wrong at step 2 where it reflects: a reflection after a wrong line, not a mistake
+        "Step 1: 2 + 3 = 6" + CONTINUE + "Step 2: 6 * 2 = 12" + REFLECT + "Let me check step 2.": (2, 1, 1, 0),
+        # right, then a slip at step 2 that the reflection follows
+        "Step 1: 2 + 3 = 5" + CONTINUE + "Step 2: 5 * 2 = 11" + REFLECT + "Let me check step 2.": (1, 1, 1, 1),
+        # a slip, repaired by the explore, then a second slip: two mistakes, the first one reflected
+        ("Step 1: 2 + 3 = 6" + REFLECT + "Check step 1." + EXPLORE + "Step 1: 2 + 3 = 5" + CONTINUE
+         + "Step 2: 5 * 2 = 10" + CONTINUE + "Step 3: 10 + 3 = 14"): (2, 1, 2, 1),
+    }
+    for text, want in mistakes.items():
+        rec = response_record(Sample(prompt="", text=text, prompt_ids=[], response_ids=[1], truncated=False),
+                              three, None, False)["step_reflects"]
+        assert (rec["wrong"], rec["wrong_reflected"], rec["mistakes"], rec["mistakes_reflected"]) == want, text
     # a problem without testbed ground truth has no step counts, and the metrics have no "steps" block
     other = response_record(Sample(prompt="", text=right_plain, prompt_ids=[], response_ids=[1], truncated=False),
                             Problem(id="g", question="", answer="5"), "5", True)

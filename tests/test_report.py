@@ -31,7 +31,8 @@ def metrics(pass1: float, reflect: float = 0.3, ft: int = 2, tf: int = 1, levels
         "n": 50, "pass@1": pass1, "format_compliance": 0.9, "reflect_rate": reflect, "explore_rate": reflect / 2,
         "truncation_rate": 0.0, "mean_tokens": 80.0, "reflection": reflection,
         "sampled": {"n": 400, "reflect_rate": reflect, "explore_rate": reflect / 2,
-                    "reflection": {**reflection, "steps": {"p_reflect_after_wrong": reflect / 2,
+                    "reflection": {**reflection, "steps": {"p_reflect_after_mistake": reflect / 4,
+                                                           "p_reflect_after_wrong": reflect / 2,
                                                            "p_reflect_after_right": reflect / 8,
                                                            "p_repair_after_reflect": reflect / 3,
                                                            "p_break_after_reflect": reflect / 5}}},
@@ -219,7 +220,8 @@ def test_write_report_files(results, tmp_path):
     assert "LaTRO \\| gold" in md  # a pipe in a label does not break the table
     assert "42.0 ± 2.8" in md and "maj@8 (%)" in md
     assert "Test split unless noted (50 problems; maj@k and the sampled columns over the first 20)" in md
-    assert "reflect after a wrong / right step, sampled (%)" in md and "| 15.0 ± 0.0 / 3.8 ± 0.0 |" in md
+    assert "reflect after a mistake / a wrong / a right step, sampled (%)" in md
+    assert "| 7.5 ± 0.0 / 15.0 ± 0.0 / 3.8 ± 0.0 |" in md
     assert "repair / break after a reflect, sampled (%)" in md and "3.8 ± 0.0 | 10.0 ± 0.0 / 6.0 ± 0.0 |" in md
     assert "![" in md and "(plots/rl_reward.png)" in md
     assert "| pretrain | 1.2 | yes (cached) |" in md

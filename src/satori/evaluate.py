@@ -176,8 +176,11 @@ def reflection_stats(responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def step_reflection_stats(counts: Sequence[dict[str, int]]) -> dict[str, Any]:
     """Whether reflections follow mistakes: P(reflect | the line so far is wrong) against
-    P(reflect | it is right), over every step of every response (``step_reflects`` counts,
-    from :func:`satori.testbed.checker.reflection_points`), P(wrong | reflect), and what the
+    P(reflect | it is right), and P(reflect | the step just made a right line wrong), the
+    plainest sign that a model notices its own slip (a line that stays wrong counts once
+    there, at every later step in the first), over every step of every response
+    (``step_reflects`` counts, from :func:`satori.testbed.checker.reflection_points`),
+    P(wrong | reflect), and what the
     step after a reflection does to the line: puts a wrong line right (a repair) or a right
     line wrong (a break). These two are the reflection's own effect; the answer-level F→T /
     T→F counts of a mid-solution reflection also take in every later step's slips."""
@@ -186,9 +189,10 @@ def step_reflection_stats(counts: Sequence[dict[str, int]]) -> dict[str, Any]:
         tot.update(c)
     reflected = tot["wrong_reflected"] + tot["right_reflected"]
     return {
-        "counts": {key: tot[key] for key in ("wrong", "wrong_reflected", "right", "right_reflected", "wrong_repaired",
-                                             "right_broken")},
+        "counts": {key: tot[key] for key in ("wrong", "wrong_reflected", "right", "right_reflected", "mistakes",
+                                             "mistakes_reflected", "wrong_repaired", "right_broken")},
         "p_reflect_after_wrong": _rate(tot["wrong_reflected"], tot["wrong"]),
+        "p_reflect_after_mistake": _rate(tot["mistakes_reflected"], tot["mistakes"]),
         "p_reflect_after_right": _rate(tot["right_reflected"], tot["right"]),
         "p_wrong_given_reflect": _rate(tot["wrong_reflected"], reflected),
         # of the reflections after a wrong line, the share whose next step puts the line right
@@ -255,8 +259,11 @@ def step_reflect_counts(points: Sequence[tuple[bool, bool]]) -> dict[str, int]:
     :func:`step_reflection_stats`)."""
     # each reflection that a step follows: (the line before it is right, the line after that step is right)
     followed = [(ok, nxt) for (ok, r), (nxt, _) in zip(points, points[1:]) if r]
+    # the steps that make a right line (or the empty start) wrong: the model's fresh mistakes
+    fresh = [r for (before, _), (ok, r) in zip([(True, False), *points], points) if before and not ok]
     return {"wrong": sum(not ok for ok, _ in points), "wrong_reflected": sum(r and not ok for ok, r in points),
             "right": sum(ok for ok, _ in points), "right_reflected": sum(r and ok for ok, r in points),
+            "mistakes": len(fresh), "mistakes_reflected": sum(fresh),
             # a reflection after a wrong line, and the next step (the explore) makes the line right
             "wrong_repaired": sum(not ok and nxt for ok, nxt in followed),
             # a reflection after a right line, and the next step (the explore, or the step after

@@ -339,7 +339,7 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     maj_header = (ks.pop() if len(ks) == 1 else "maj@k") + " (%)"
     header = ["model", "label", "seeds", "pass@1 (%)", maj_header, "OOD pass@1 (%)", "format (%)",
               "reflect (%)", "explore (%)", "F→T share (%)", "T→F share (%)", "reflect, sampled (%)",
-              "F→T share, sampled (%)", "reflect after a wrong / right step, sampled (%)",
+              "F→T share, sampled (%)", "reflect after a mistake / a wrong / a right step, sampled (%)",
               "repair / break after a reflect, sampled (%)", "mean tokens"]
     rows = []
     for name, model in models.items():
@@ -353,7 +353,7 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _cell(results, name, "test", "sampled.reflect_rate"),
             _cell(results, name, "test", "sampled.reflection.f_to_t_share"),
             " / ".join(_cell(results, name, "test", f"sampled.reflection.steps.p_reflect_after_{w}")
-                       for w in ("wrong", "right")),
+                       for w in ("mistake", "wrong", "right")),
             " / ".join(_cell(results, name, "test", f"sampled.reflection.steps.p_{w}_after_reflect")
                        for w in ("repair", "break")),
             _cell(results, name, "test", "mean_tokens", percent=False),
