@@ -100,6 +100,18 @@ def _rate(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
+def paired_accuracy_difference(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """Two models graded on the same problems (``a[i]``, ``b[i]``: problem i right): the
+    difference of their accuracies, its standard error over problems (the sample std of the
+    per-problem differences / sqrt(n)), and how many problems only A / only B got right."""
+    check(len(a) == len(b) and len(a) >= 2, f"need two equal-length gradings of at least 2 problems, "
+          f"got {len(a)} and {len(b)}")
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    n, mean = len(d), sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    return {"n": n, "diff": mean, "se": se, "a_only": d.count(1), "b_only": d.count(-1)}
+
+
 def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics from per-problem records.
 
