@@ -3,7 +3,7 @@
 Not a speed benchmark: whether a difference in greedy pass@1 is larger than the evaluation's own
 noise. For each seed it reads both models' greedy answers (``RUN/eval_MODEL-sS/test_samples.jsonl``)
 and prints the difference with its standard error over problems
-(:func:`satori.evaluate.paired_accuracy_difference`) and how many problems only one of the two got
+(:func:`satori.report.paired_accuracy_difference`) and how many problems only one of the two got
 right; then the mean and std of the differences over seeds (the spread between seeds, which the
 per-problem error does not contain).
 
@@ -17,8 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from satori.evaluate import paired_accuracy_difference
-from satori.report import mean_std
+from satori.report import mean_std, paired_accuracy_difference
 
 
 def greedy_correct(path: Path) -> dict[str, bool]:

@@ -1,12 +1,9 @@
 """Evaluation metrics on hand-made samples, and a real evaluation of a tiny model."""
 
-import math
-
 import pytest
 
 from satori.coat import CONTINUE, EXPLORE, REFLECT
 from satori.data import Problem
-from satori.errors import SatoriError
 from satori.evaluate import EvalConfig, compute_metrics, evaluate, majority_answer, markdown_table, pass_at_k, response_record
 from satori.rollout import Sample
 
@@ -191,18 +188,3 @@ def test_evaluate_a_real_tiny_model(tiny_coat):
     assert limited["n"] == 6 and limited["k_problems"] == 4 and limited["sampled"]["n"] == 8
     assert [len(r["samples"]) for r in limited_records] == [2, 2, 2, 2, 0, 0]
     assert [r["greedy"]["text"] for r in limited_records] == [r["greedy"]["text"] for r in records]
-
-
-def test_paired_accuracy_difference_by_hand():
-    from satori.evaluate import paired_accuracy_difference
-
-    # 5 problems: A alone right on 2, B alone on 1, both right on 1, both wrong on 1 -> d = 1, 1, -1, 0, 0
-    a = [True, True, False, True, False]
-    b = [False, False, True, True, False]
-    got = paired_accuracy_difference(a, b)
-    mean = 1 / 5
-    var = ((1 - mean) ** 2 * 2 + (-1 - mean) ** 2 + mean ** 2 * 2) / 4
-    assert got["n"] == 5 and got["diff"] == pytest.approx(mean) and got["se"] == pytest.approx(math.sqrt(var / 5))
-    assert (got["a_only"], got["b_only"]) == (2, 1)
-    with pytest.raises(SatoriError, match="equal-length"):
-        paired_accuracy_difference(a, b[:4])

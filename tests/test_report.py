@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from satori.report import claims_rows, compute_claims, length_claim, mean_std, script_json, smooth, write_report
+from satori.report import (
+    claims_rows, compute_claims, length_claim, mean_std, paired_accuracy_difference, script_json, smooth, write_report,
+)
 
 XSS = "<script>alert(1)</script>"
 CHROMIUM = "/usr/bin/chromium"
@@ -347,3 +349,16 @@ def test_claims_pair_the_models_of_each_seed():
     single = {"models": {"rl_round1": model("r1", [0.5]), "sft_coat": model("s", [0.1])}}
     one = by_name(compute_claims(single))["RL beats format tuning"]
     assert "seed_diffs" not in one["numbers"] and claims_rows([one])[1][0][4] == "—"
+
+
+def test_paired_accuracy_difference_by_hand():
+    # 5 problems: A alone right on 2, B alone on 1, both right on 1, both wrong on 1 -> d = 1, 1, -1, 0, 0
+    a = [True, True, False, True, False]
+    b = [False, False, True, True, False]
+    got = paired_accuracy_difference(a, b)
+    mean = 1 / 5
+    var = ((1 - mean) ** 2 * 2 + (-1 - mean) ** 2 + mean ** 2 * 2) / 4
+    assert got["n"] == 5 and got["diff"] == pytest.approx(mean) and got["se"] == pytest.approx(math.sqrt(var / 5))
+    assert (got["a_only"], got["b_only"]) == (2, 1)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_accuracy_difference(a, b[:4])

@@ -100,18 +100,6 @@ def _rate(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
-def paired_accuracy_difference(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
-    """Two models graded on the same problems (``a[i]``, ``b[i]``: problem i right): the
-    difference of their accuracies, its standard error over problems (the sample std of the
-    per-problem differences / sqrt(n)), and how many problems only A / only B got right."""
-    check(len(a) == len(b) and len(a) >= 2, f"need two equal-length gradings of at least 2 problems, "
-          f"got {len(a)} and {len(b)}")
-    d = [int(x) - int(y) for x, y in zip(a, b)]
-    n, mean = len(d), sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
-    return {"n": n, "diff": mean, "se": se, "a_only": d.count(1), "b_only": d.count(-1)}
-
-
 def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics from per-problem records.
 
@@ -189,12 +177,11 @@ def reflection_stats(responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def step_reflection_stats(counts: Sequence[dict[str, int]]) -> dict[str, Any]:
     """Whether reflections follow mistakes: P(reflect | the line so far is wrong) against
     P(reflect | it is right), and P(reflect | the step just made a right line wrong), the
-    plainest sign that a model notices its own slip (a line that stays wrong counts once
-    there, at every later step in the first), over every step of every response
+    plainest sign that a model notices its own slip (a slip counts there once, however many
+    wrong steps follow it; the first counts each of them), over every step of every response
     (``step_reflects`` counts, from :func:`satori.testbed.checker.reflection_points`),
-    P(wrong | reflect), and what the
-    step after a reflection does to the line: puts a wrong line right (a repair) or a right
-    line wrong (a break). These two are the reflection's own effect; the answer-level F→T /
+    P(wrong | reflect), and what the step after a reflection does to the line: puts a wrong
+    line right (a repair) or a right line wrong (a break). These two are the reflection's own effect; the answer-level F→T /
     T→F counts of a mid-solution reflection also take in every later step's slips."""
     tot = Counter()
     for c in counts:

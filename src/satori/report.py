@@ -80,6 +80,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def paired_accuracy_difference(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """Two models graded on the same problems (``a[i]``, ``b[i]``: problem i right): the
+    difference of their accuracies, its standard error over problems (the sample std of the
+    per-problem differences / sqrt(n)), and how many problems only A / only B got right."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two equal-length gradings of at least 2 problems, got {len(a)} and {len(b)}")
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    mean, std = mean_std(d)
+    return {"n": len(d), "diff": mean, "se": std / math.sqrt(len(d)), "a_only": d.count(1), "b_only": d.count(-1)}
+
+
 def metric_value(metrics: dict[str, Any], path: str) -> float | None:
     """The value at a dotted ``path`` (``"reflection.f_to_t_share"``), or None when absent.
 
@@ -189,7 +200,7 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
     diff = ma - mb
     pooled = math.sqrt((sa ** 2 + sb ** 2) / 2)
     significant = abs(diff) > pooled if len(va) >= 2 and len(vb) >= 2 else None
-    held = ma > mb if rule == ">" else ma >= mb
+    held = _meets(diff, rule)
     numbers.update(mean_a=ma, std_a=sa, n_a=len(va), mean_b=mb, std_b=sb, n_b=len(vb),
                    diff=diff, pooled_std=pooled, significant=significant)
     sig = {True: f"larger than the pooled std {_pct(pooled)}",
@@ -199,7 +210,7 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
               f"{_pm(mb, sb, len(vb))} (n={len(vb)}): difference {diff * 100:+.1f} points, {sig}.")
     paired = paired_differences(by_a, by_b)
     if len(paired) >= 2:
-        ahead = sum(d > 0 if rule == ">" else d >= 0 for d in paired.values())
+        ahead = sum(_meets(d, rule) for d in paired.values())
         md, sd = mean_std(list(paired.values()))
         numbers.update(seed_diffs=paired, seeds_ahead=ahead, paired_mean=md, paired_std=sd)
         detail += (f" Paired by seed ({', '.join(paired)}): " + " / ".join(f"{d * 100:+.1f}" for d in paired.values())
@@ -212,6 +223,11 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
                    f"({ca['F->T']} F→T, {ca['T->F']} T→F), {b} {sum(cb.values())} "
                    f"({cb['F->T']} F→T, {cb['T->F']} T→F).")
     return {"name": name, "held": held, "numbers": numbers, "detail": detail}
+
+
+def _meets(diff: float, rule: str) -> bool:
+    """Whether A - B = ``diff`` satisfies a claim's ``rule`` (``">"``: beats; ``">="``: level or beats)."""
+    return diff > 0 if rule == ">" else diff >= 0
 
 
 def changed_answers(results: dict[str, Any], model: str, split: str, path: str) -> dict[str, int]:
