@@ -75,3 +75,17 @@ def test_threads_follow_the_launchers_omp_num_threads(monkeypatch, value, expect
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_rl_selection_two_processes_match_one(tmp_path, shipped_coat):
+    """Each process evaluates every second held-out problem and the counts are summed: the held-out
+    accuracy, the selected step and the final policy match one process (9 problems: shards of 5 and 4)."""
+    args = ["rl", "--policy", str(shipped_coat), "--data", "testbed:train", "--data.n", "16", "--critic-init", "policy",
+            "--steps", "1", "--rollout-batch", "8", "--train-batch", "8", "--micro-batch", "4",
+            "--max-new-tokens", "32", "--temperature", "1.0", "--actor-lr", "1e-2", "--threads", "1", "--seed", "5",
+            "--eval-every", "1", "--valid-data", "testbed:valid", "--valid-data.n", "9", "--eval-max-new-tokens", "128"]
+    one = [(r["step"], r["valid_acc"], r["best_step"]) for r in _launch(1, args, tmp_path / "one")]
+    two = [(r["step"], r["valid_acc"], r["best_step"]) for r in _launch(2, args, tmp_path / "two")]
+    assert one == two and one[0][1] > 0.5, one
+    best = [json.loads((tmp_path / d / "best" / "best.json").read_text()) for d in ("one", "two")]
+    assert best[0] == best[1]

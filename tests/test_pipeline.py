@@ -23,7 +23,8 @@ TOY = {
     "orm": {"k": 2, "max_new_tokens": 96, "max_steps": 2, "batch_size": 2, "eval_every": 100, "save_every": 100},
     "rae": {"k": 2, "max_new_tokens": 96, "t_max": 1},
     "rl": {"steps": 2, "critic_warmup": 1, "rollout_batch": 4, "train_batch": 4, "micro_batch": 4,
-           "max_new_tokens": 48, "save_every": 100},
+           "max_new_tokens": 48, "save_every": 100, "eval_every": 1, "eval_max_new_tokens": 64},
+    "rl_valid_data": {"path": "testbed:valid", "n": 3},  # RL's own held-out pool, not valid_data's 4
     "distill_data": {"path": "testbed:train", "n": 12},  # its own pool, larger than RL's 8 problems
     "distill": {"n_samples": 2, "max_new_tokens": 48, "sft": {"max_steps": 1, "batch_size": 4}},
     "rl2": {"steps": 1, "n_samples": 2, "rollout_batch": 2, "train_batch": 4, "micro_batch": 4,
@@ -55,6 +56,10 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     assert sampled == {name: 3 if name in ("sft_coat", "rl_round1") else 2 for name in results["models"]}
     distill = json.loads((tmp_path / "run-a" / "distill-s0" / "stage.json").read_text())["result"]
     assert distill["selection"]["problems"] == 12  # the distillation pool, not the 8 train problems
+    for rl in ("rl_round1-s0", "rl_round2-s0"):  # rl2 keeps its own eval_every (0): its last policy
+        picked = json.loads((tmp_path / "run-a" / rl / "stage.json").read_text())["result"]
+        assert ("best_step" in picked, picked.get("valid_problems")) == (
+            (True, 3) if rl == "rl_round1-s0" else (False, None))
 
     # the run folder moves and the base model is read from another checkout: nothing re-runs
     shutil.move(tmp_path / "run-a", tmp_path / "run-b")
@@ -73,6 +78,14 @@ def test_distillation_samples_the_train_data_unless_given_its_own_pool():
     assert cfg.distill_data.path == "" and cfg.distill_pool() == cfg.train_data
     cfg = load_config(PipelineConfig, overrides=TOY)
     assert cfg.distill_pool() == cfg.distill_data and cfg.distill_pool().n == 12
+
+
+def test_rl_selection_reads_valid_data_unless_given_its_own_pool_never_the_test_split():
+    cfg = load_config(PipelineConfig, overrides={k: v for k, v in TOY.items() if k != "rl_valid_data"})
+    assert cfg.rl_valid_data.path == "" and cfg.rl_valid_pool() == cfg.valid_data
+    assert load_config(PipelineConfig, overrides=TOY).rl_valid_pool().n == 3
+    with pytest.raises(SatoriError, match="rl_valid_data"):
+        load_config(PipelineConfig, overrides={**TOY, "rl_valid_data": {"path": "testbed:test"}})
 
 
 def test_the_dry_run_reads_the_distillation_pool_and_names_a_missing_file(tmp_path):

@@ -237,16 +237,6 @@ def test_shared_prompts_apply_only_to_groups_on_unsharded_supported_models(tmp_p
         assert not shared_prompts_apply(grpo, SimpleNamespace(distributed_type=sharded), model)
 
 
-@pytest.fixture(scope="module")
-def shipped_coat(tmp_path_factory):
-    """The shipped testbed base model with the COAT tokens added: a policy whose reward RL can
-    measurably raise (sampled at temperature 1.0 it is right about two times in three)."""
-    from conftest import with_coat_tokens
-    from satori.testbed import BASE_MODEL_DIR
-
-    return with_coat_tokens(BASE_MODEL_DIR, tmp_path_factory.mktemp("shipped_coat"), init="text")
-
-
 @pytest.mark.parametrize("adv", ["gae", "grpo"])
 def test_rl_raises_the_reward_on_the_problems_it_trains_on(tmp_path, shipped_coat, adv):
     # 8 problems, every step samples each one 8 times: accuracy on them must climb
@@ -261,3 +251,85 @@ def test_rl_raises_the_reward_on_the_problems_it_trains_on(tmp_path, shipped_coa
     # measured: gae 0.53 -> 0.69 (its first 2 steps train only the critic), grpo 0.62 -> 0.90;
     # one step's accuracy over 64 samples has a spread of about 0.06
     assert last > first + 0.12, acc
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _selection_cfg(tmp_path, policy, name, **kw):
+    """Selection on 16 held-out problems after every step, from the shipped testbed base."""
+    base = dict(data={"path": "testbed:train", "n": 16}, train_batch=8, micro_batch=8, max_new_tokens=64,
+                threads=2, eval_every=1, valid_data={"path": "testbed:valid", "n": 16}, eval_max_new_tokens=128)
+    base.update(kw)
+    return rl_cfg(tmp_path, policy, name, **base)
+
+
+def test_improves_keeps_the_earlier_model_on_ties():
+    from satori.train.select import improves
+
+    assert improves(0.0, {})  # the first measurement is the best so far
+    assert improves(0.51, {"step": 0, "valid_acc": 0.5})
+    assert not improves(0.5, {"step": 0, "valid_acc": 0.5})
+    assert not improves(0.49, {"step": 5, "valid_acc": 0.5})
+
+
+def test_selection_keeps_the_starting_policy_when_every_step_is_worse(tmp_path, shipped_coat):
+    # lr 1e-2 wrecks the policy in one step: held-out accuracy 0.875 at the start, then 0
+    res = run_rl(_selection_cfg(tmp_path, shipped_coat, "sel", actor_lr=1e-2))
+    rows = metrics(tmp_path / "sel")
+    acc = {r["step"]: r["valid_acc"] for r in rows if "valid_acc" in r}
+    assert list(acc) == [0, 1, 2] and acc[0] > 0.5 > max(acc[1], acc[2]), acc
+    assert res["best_step"] == 0 and res["best_valid_acc"] == acc[0]
+    assert _same(_weights(tmp_path / "sel"), _weights(shipped_coat))
+    info = json.loads((tmp_path / "sel" / "rl_result.json").read_text())
+    assert info["last_step"]["final"] == "best held-out model (step 0)"
+    # selection only reads the policy: the same run without it trains identically, and its
+    # final policy is the wrecked last one
+    run_rl(_selection_cfg(tmp_path, shipped_coat, "last", actor_lr=1e-2, eval_every=0))
+    plain = metrics(tmp_path / "last")
+    assert [r["policy_loss"] for r in plain] == [r["policy_loss"] for r in rows if "policy_loss" in r]
+    assert not _same(_weights(tmp_path / "last"), _weights(shipped_coat))
+
+
+def test_selection_picks_the_best_step(tmp_path, shipped_coat):
+    # GRPO on 16 problems, held-out accuracy measured on the same 16 (measured: 0.875 at the
+    # start, 0.94 after step 1, 1.0 after steps 2-4)
+    cfg = _selection_cfg(tmp_path, shipped_coat, "up", advantage="grpo", n_samples=4, steps=4, rollout_batch=16,
+                         train_batch=64, micro_batch=32, max_new_tokens=128, actor_lr=1e-4, seed=1, save_every=10,
+                         valid_data={"path": "testbed:train", "n": 16})
+    res = run_rl(cfg)
+    acc = [(r["step"], r["valid_acc"]) for r in metrics(tmp_path / "up") if "valid_acc" in r]
+    assert [s for s, _ in acc] == [0, 1, 2, 3, 4]
+    top = max(a for _, a in acc)
+    assert top > acc[0][1], acc
+    assert res["best_step"] == next(s for s, a in acc if a == top)  # the earliest of the best
+    assert _same(_weights(tmp_path / "up"), _weights(tmp_path / "up" / "best"))
+    assert not _same(_weights(tmp_path / "up"), _weights(shipped_coat))
+
+
+def test_resume_keeps_the_selection(tmp_path, shipped_coat):
+    run_rl(_selection_cfg(tmp_path, shipped_coat, "full", actor_lr=1e-2, steps=3))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    (part / "model.safetensors").unlink()
+    shutil.rmtree(part / "checkpoints" / "step-2")  # the run died during step 2
+    run_rl(_selection_cfg(tmp_path, shipped_coat, "part", actor_lr=1e-2, steps=3, resume=True))
+    def measured(out):  # the logged values, without wall-clock times
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed") and not k.startswith("time_")}
+                for r in metrics(out)]
+
+    assert measured(part) == measured(tmp_path / "full")
+    # without the best model in the checkpoint's state, the resumed run would take step 2, its
+    # first measurement, as the best
+    assert json.loads((part / "best" / "best.json").read_text())["step"] == 0
+    assert _same(_weights(part), _weights(shipped_coat))
+
+
+def test_test_split_is_refused_for_rl_selection(tmp_path, tiny_coat):
+    with pytest.raises(SatoriError, match="test split"):
+        run_rl(rl_cfg(tmp_path, tiny_coat, "x", eval_every=1, valid_data={"path": "testbed:test", "n": 4}))

@@ -86,8 +86,18 @@ def results() -> dict:
              "response": "Step 1: " + XSS + "<|continue|>\\boxed{5}", "extracted": "5", "correct": False},
         ],
         "stages": [{"name": "pretrain", "seconds": 1.2, "skipped": True},
-                   {"name": "ppo_round1", "seconds": 300.5, "skipped": False}],
+                   {"name": "ppo_round1", "seconds": 300.5, "skipped": False,
+                    "final": "best held-out model (step 10)"}],
     }
+
+
+def test_stages_table_names_the_model_a_trainer_kept(results):
+    from satori.report import stages_rows
+
+    header, rows = stages_rows(results)
+    assert header[-1] == "final model"
+    assert rows == [["pretrain", "1.2", "yes (cached)", ""],
+                    ["ppo_round1", "300.5", "no", "best held-out model (step 10)"], ["total", "301.7", "", ""]]
 
 
 def by_name(claims: list[dict]) -> dict[str, dict]:

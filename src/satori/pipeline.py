@@ -67,6 +67,10 @@ class PipelineConfig:
     distill_data: DataConfig = field(default_factory=lambda: DataConfig(path=""), metadata={
         "help": "the pool the round-1 policy is sampled on for distillation (path '' = train_data); a pool "
                 "larger than RL's problems gives the base model more of the hardest solved ones"})
+    rl_valid_data: DataConfig = field(default_factory=lambda: DataConfig(path=""), metadata={
+        "help": "the held-out problems that pick each RL run's policy when rl.eval_every / rl2.eval_every > 0 "
+                "(path '' = valid_data); selection among checkpoints a point apart needs more of them than the "
+                "ORM's and LaTRO's selection"})
     synth: SynthConfig = field(default_factory=SynthConfig)
     format_sft: SFTConfig = field(default_factory=SFTConfig)
     orm: ORMConfig = field(default_factory=ORMConfig)
@@ -104,6 +108,8 @@ class PipelineConfig:
         check(not self.ablations or "satori" in self.branches, "ablations need the satori branch")
         check(0 < self.format_fix_share <= 1, f"format_fix_share must be in (0, 1], got {self.format_fix_share}")
         check(self.claim_sample_limit >= 0, f"claim_sample_limit must be >= 0, got {self.claim_sample_limit}")
+        check(not (self.rl.eval_every or self.rl2.eval_every) or self.rl_valid_pool().path != "testbed:test",
+              "rl_valid_data (valid_data when its path is '') picks RL policies and may not be the test split")
 
     def eval_for(self, model: str) -> EvalConfig:
         """The evaluation settings of ``model``: ``eval``, with ``claim_sample_limit`` for the models a
@@ -113,6 +119,10 @@ class PipelineConfig:
         if self.claim_sample_limit and model in SAMPLED_CLAIM_MODELS:
             return _with(self.eval, sample_limit=self.claim_sample_limit)
         return self.eval
+
+    def rl_valid_pool(self) -> DataConfig:
+        """RL's held-out problems: ``rl_valid_data`` when it names a path, else ``valid_data``."""
+        return self.rl_valid_data if self.rl_valid_data.path else self.valid_data
 
     def distill_pool(self) -> DataConfig:
         """Distillation's problems: ``distill_data`` when it names a path, else the train data."""
@@ -224,7 +234,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
                  orm: str = "", restart: str = "") -> str:
         folder = run_dir / f"{name}-s{seed}"
         c = _with(rl_cfg, policy=policy, out=str(folder), orm=orm, restart_buffer=restart, seed=seed, resume=True,
-                  data=cfg.train_data, critic_init=rl_cfg.critic_init if orm else "policy")
+                  data=cfg.train_data, valid_data=cfg.rl_valid_pool(),
+                  critic_init=rl_cfg.critic_init if orm else "policy")
         runner.run(f"{name}-s{seed}", to_dict(_with(c, out="")), deps, lambda f: run_rl(c))
         curves.setdefault(name, {})[str(seed)] = _curve(folder)
         evaluate_stage(name, str(folder), seed, [f"{name}-s{seed}"], label)
@@ -434,7 +445,7 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
     from satori.rollout import load_tokenizer
 
     report: dict[str, Any] = {}
-    for name in ("train_data", "valid_data", "test_data", "ood_data", "distill_data"):
+    for name in ("train_data", "valid_data", "test_data", "ood_data", "distill_data", "rl_valid_data"):
         data = getattr(cfg, name)
         if data.path:
             n = len(load_problems(data))

@@ -397,13 +397,14 @@ def claims_rows(claims: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def stages_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the stages table (with a total row)."""
+    """Header and rows of the stages table (with a total row); ``final`` names the model a
+    trainer kept when it selects on held-out data."""
     stages = results.get("stages", [])
     rows = [[str(s.get("name", "")), f"{float(s.get('seconds', 0.0)):.1f}",
-             "yes (cached)" if s.get("skipped") else "no"] for s in stages]
+             "yes (cached)" if s.get("skipped") else "no", str(s.get("final", ""))] for s in stages]
     if stages:
-        rows.append(["total", f"{sum(float(s.get('seconds', 0.0)) for s in stages):.1f}", ""])
-    return ["stage", "seconds", "skipped"], rows
+        rows.append(["total", f"{sum(float(s.get('seconds', 0.0)) for s in stages):.1f}", "", ""])
+    return ["stage", "seconds", "skipped", "final model"], rows
 
 
 def format_seconds(seconds: float | None) -> str:

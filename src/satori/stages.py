@@ -155,7 +155,11 @@ class Runner:
         return result
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped} for r in self.records]
+        """Each stage's name, time, whether it was cached, and, for a trainer that selects its
+        model on held-out data, which model it kept (its result's ``final``)."""
+        return [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped,
+                 **({"final": r.result["final"]} if isinstance(r.result, dict) and "final" in r.result else {})}
+                for r in self.records]
 
 
 def run_in_child(fn: Callable[[Path], Any], folder: Path) -> Any:

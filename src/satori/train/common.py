@@ -247,11 +247,13 @@ class MetricsLog:
                     self.writer = None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint, so no step appears twice."""
+        """On resume: drop lines logged after the checkpoint, so no step appears twice. A run
+        that starts at step 0 starts an empty log (step 0 holds the measurements taken before
+        training, which it takes again)."""
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if step > 0 and line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -85,6 +83,7 @@ from satori.train.common import (
     save_checkpoint,
     save_final_model,
 )
+from satori.train.select import BestModel
 from satori.train.sft import global_batch
 from satori.utils import seed_everything, set_threads, write_json
 
@@ -320,34 +319,6 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
-def held_out_accuracy(model: Any, tokenizer: Any, problems: list[Problem], cfg: LatroConfig) -> float:
-    """Greedy pass@1 on ``problems`` via :func:`satori.evaluate.evaluate`."""
-    from satori.evaluate import EvalConfig, GenConfig, evaluate
-
-    ecfg = EvalConfig(data=cfg.valid_data, gen=GenConfig(max_new_tokens=cfg.eval_max_new_tokens,
-                                                         batch_size=cfg.gen_batch_size), seed=cfg.seed)
-    with autocast(cfg.bf16):
-        metrics, _ = evaluate(model, tokenizer, problems, ecfg, progress=False)
-    return float(metrics["pass@1"])
-
-
-def save_best(acc: Any, model: Any, tokenizer: Any, out: Path, info: dict[str, Any]) -> None:
-    """Write ``out/best`` (model, tokenizer, ``best.json``) via a temporary folder and renames.
-    Call on every process (the state dict is gathered collectively); the main process writes."""
-    state_dict = acc.get_state_dict(model)
-    if acc.is_main_process:
-        final, tmp, old = out / "best", out / f".tmp-best-{os.getpid()}", out / f".old-best-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "best.json", info)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
 def run_latro(cfg: LatroConfig) -> dict[str, Any]:
     """Train with LaTRO; returns the run's summary. Writes the final model + tokenizer to ``cfg.out``."""
     for name in ("model", "out"):
@@ -381,40 +352,30 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, "linear", cfg.steps, cfg.warmup_steps)
     start, bad_steps = 0, 0
-    best: dict[str, Any] = {}
+    best_state: dict[str, Any] = {}
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler})
-        start, bad_steps, best = state["step"], state.get("bad_steps", 0), state.get("best", {})
+        start, bad_steps, best_state = state["step"], state.get("bad_steps", 0), state.get("best", {})
     model, optimizer = acc.prepare(model, optimizer)
     ref_model.to(acc.device)
     log = MetricsLog(out, enabled=acc.is_main_process)
     log.truncate_after(start)
     result: dict[str, Any] = {"steps": cfg.steps, "train_problems": len(problems), "valid_problems": len(valid)}
     t0 = time.time()
-
-    def evaluate_and_select(step: int) -> float:
-        """Held-out accuracy (computed by the main process, shared with all); keeps
-        ``out/best`` at the best model so far."""
-        nonlocal best
-        acc.wait_for_everyone()
-        value = held_out_accuracy(acc.unwrap_model(model), tokenizer, valid, cfg) if acc.is_main_process else 0.0
-        value = float(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum"))
-        if not best or value > best["valid_acc"]:
-            best = {"step": step, "valid_acc": value}
-            save_best(acc, model, tokenizer, out, best)
-        return value
+    best = BestModel(acc, tokenizer, valid, cfg.valid_data, out, max_new_tokens=cfg.eval_max_new_tokens,
+                     batch_size=cfg.gen_batch_size, seed=cfg.seed, bf16=cfg.bf16, state=best_state)
 
     def checkpoint(step: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_checkpoint(out, step, {"model": acc.unwrap_model(model)},
                             {"optimizer": optimizer, "scheduler": scheduler},
-                            {"bad_steps": bad_steps, "best": best, "config": to_dict(cfg)})
+                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)})
         acc.wait_for_everyone()
 
     if valid and start == 0:
-        result["initial_valid_acc"] = evaluate_and_select(0)
+        result["initial_valid_acc"] = best.evaluate(model, 0)
         log.log(0, {"valid_acc": result["initial_valid_acc"]})
 
     with StopSignal() as stop:
@@ -475,20 +436,16 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
                        "step_seconds": round(time.time() - t_step, 3), "elapsed": round(time.time() - t0, 2)}
             # 6. held-out accuracy, best-model selection, checkpoints
             if valid and (done % cfg.eval_every == 0 or done == cfg.steps):
-                metrics["valid_acc"] = evaluate_and_select(done)
+                metrics["valid_acc"] = best.evaluate(model, done)
                 result["last_valid_acc"] = metrics["valid_acc"]
             log.log(done, metrics)
             result.update(loss=loss_total, reward_mean=metrics["reward_mean"], kl=metrics["kl"])
             end_of_step(done, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
     log.close()
     acc.wait_for_everyone()
-    if best:  # the best held-out model is the final model
-        if acc.is_main_process:
-            for f in (out / "best").iterdir():
-                if f.is_file() and f.name != "best.json":
-                    shutil.copy2(f, out / f.name)
-        result.update(final=f"best held-out model (step {best['step']})", best_step=best["step"],
-                      best_valid_acc=best["valid_acc"])
+    if best.best:  # the best held-out model is the final model
+        best.install()
+        result.update(best.summary())
     else:
         save_final_model(acc, model, out, tokenizer)
         result["final"] = f"last step ({cfg.steps})"
