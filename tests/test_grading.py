@@ -430,7 +430,9 @@ def test_generated_file_full_agreement(tmp_path: Path) -> None:
         assert {k: v for k, v in g.items() if k not in ("extracted", "correct")} == record
     assert accuracy == pytest.approx(sum(ok for _, ok in labelled) / len(labelled))
     assert 0.3 < accuracy < 0.8
-    assert elapsed < 25
+    # a guard against a stuck worker pool, not a speed target (grading speed is measured in
+    # benchmarks/): 25 s failed with the suite niced beside a pipeline run on 2 cores (50 s)
+    assert elapsed < 180
     assert [p.name for p in dst.parent.iterdir()] == ["graded.jsonl"]  # no temp file left
 
 
