@@ -9,8 +9,9 @@ the loop's checkpoint state, so a resumed run selects what the uninterrupted one
 
 With several processes each one evaluates its share of the problems (every ``world``-th)
 and the counts are summed, so selection costs the same wall time per process whatever the
-number of processes; the best model is gathered and written collectively (DeepSpeed
-ZeRO-3 and FSDP included, through ``accelerate``'s state dict) and by the main process only.
+number of processes; the best model's state dict is gathered collectively (``accelerate``'s
+``get_state_dict``, as :func:`satori.train.common.save_final_model` does for ZeRO-3 / FSDP; tested
+with DDP on CPU) and written by the main process only.
 """
 
 from __future__ import annotations
