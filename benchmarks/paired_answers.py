@@ -13,17 +13,16 @@ per-problem error does not contain).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from satori.data import read_jsonl
 from satori.report import mean_std, paired_accuracy_difference
 
 
 def greedy_correct(path: Path) -> dict[str, bool]:
     """``{problem id: greedy answer right}`` of one evaluation."""
-    with path.open() as fh:
-        return {r["id"]: bool(r["greedy"]["correct"]) for r in map(json.loads, fh)}
+    return {r["id"]: bool(r["greedy"]["correct"]) for r in read_jsonl(path)}
 
 
 def main() -> None:

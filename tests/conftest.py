@@ -37,6 +37,18 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model folder's ``model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same tensors, bit for bit."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def with_coat_tokens(src: Path, out: Path, init: str = "mean") -> Path:
     """Save a copy of the model in ``src`` with the COAT tokens added (as format tuning does)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

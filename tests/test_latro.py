@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import model_weights, same_weights
 
 from satori.data import DataConfig, Problem, build_prompt, load_problems, plain_prompt
 from satori.errors import SatoriError
@@ -193,26 +193,18 @@ def _cfg(model, out, **kw) -> LatroConfig:
     return LatroConfig(**{**base, **kw})
 
 
-def _weights(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def _same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-
-
 def test_determinism_and_exact_resume(tiny, tmp_path):
     a, a2, b = tmp_path / "a", tmp_path / "a2", tmp_path / "b"
     res = run_latro(_cfg(tiny, a))
     assert res["final"].startswith("last step")
     run_latro(_cfg(tiny, a2))
-    assert _same(_weights(a), _weights(a2)), "same seed must give identical weights"
-    assert not _same(_weights(a), _weights(tiny)), "training changed nothing"
+    assert same_weights(model_weights(a), model_weights(a2)), "same seed must give identical weights"
+    assert not same_weights(model_weights(a), model_weights(tiny)), "training changed nothing"
     # resume from the step-2 checkpoint of the same run: steps 3 and 4 again
     shutil.copytree(a / "checkpoints", b / "checkpoints")
     assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-2"]
     run_latro(_cfg(tiny, b, resume=True))
-    assert _same(_weights(a), _weights(b)), "2 + 2 resumed steps must equal 4 steps"
+    assert same_weights(model_weights(a), model_weights(b)), "2 + 2 resumed steps must equal 4 steps"
     assert [m["step"] for m in read_metrics(b)] == [3, 4]
     m = read_metrics(a)
     assert [x["step"] for x in m] == [1, 2, 3, 4]
@@ -224,7 +216,7 @@ def test_determinism_and_exact_resume(tiny, tmp_path):
     assert m[1]["kl"] != 0.0
     c = tmp_path / "c"
     run_latro(_cfg(tiny, c, seed=1))
-    assert not _same(_weights(a), _weights(c)), "the seed must matter"
+    assert not same_weights(model_weights(a), model_weights(c)), "the seed must matter"
 
 
 def test_micro_batches_do_not_change_the_update(tiny, tmp_path):
@@ -234,7 +226,7 @@ def test_micro_batches_do_not_change_the_update(tiny, tmp_path):
     [s1], [s4] = read_metrics(tmp_path / "m1"), read_metrics(tmp_path / "m4")
     assert s1["grad_norm"] == pytest.approx(s4["grad_norm"], rel=1e-4)
     assert s1["loss"] == pytest.approx(s4["loss"], rel=1e-4, abs=1e-6)
-    w1, w4 = _weights(tmp_path / "m1"), _weights(tmp_path / "m4")
+    w1, w4 = model_weights(tmp_path / "m1"), model_weights(tmp_path / "m4")
     for name in w1:
         torch.testing.assert_close(w1[name], w4[name], rtol=1e-3, atol=1e-5)
 
@@ -246,8 +238,8 @@ def test_best_held_out_model_is_the_final_model(tiny, tmp_path):
     # a random tiny model solves nothing: every evaluation ties at 0, the earliest (the
     # initial model) is kept, and it is what lands in `out`
     assert res["initial_valid_acc"] == 0.0 and best == {"step": 0, "valid_acc": 0.0}
-    assert _same(_weights(out), _weights(tiny))
-    assert _same(_weights(out), _weights(out / "best"))
+    assert same_weights(model_weights(out), model_weights(tiny))
+    assert same_weights(model_weights(out), model_weights(out / "best"))
     assert [m["step"] for m in read_metrics(out) if "valid_acc" in m] == [0, 1, 2]
 
 

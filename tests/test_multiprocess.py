@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import model_weights, same_weights
 
 
 def _launch(nproc, args, out):
@@ -90,7 +90,5 @@ def test_rl_selection_two_processes_match_one(tmp_path, shipped_coat):
     assert one == two and one[0][1] > 0.5, one
     best = [json.loads((tmp_path / d / "best" / "best.json").read_text()) for d in ("one", "two")]
     assert best[0] == best[1] == {"step": 0, "valid_acc": one[0][1]}  # lr 1e-2 wrecks the policy in a step
-    from safetensors.torch import load_file
-
-    start, a, b = (load_file(str(d / "model.safetensors")) for d in (shipped_coat, tmp_path / "one", tmp_path / "two"))
-    assert all(torch.equal(start[k], a[k]) and torch.equal(a[k], b[k]) for k in start)
+    start, a, b = (model_weights(d) for d in (shipped_coat, tmp_path / "one", tmp_path / "two"))
+    assert same_weights(start, a) and same_weights(a, b)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import model_weights, same_weights
 from safetensors.torch import load_file
 
 from satori.config import from_dict
@@ -253,20 +254,19 @@ def test_rl_raises_the_reward_on_the_problems_it_trains_on(tmp_path, shipped_coa
     assert last > first + 0.12, acc
 
 
-def _weights(folder):
-    return load_file(str(folder / "model.safetensors"))
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _selection_cfg(tmp_path, policy, name, **kw):
     """Selection on 16 held-out problems after every step, from the shipped testbed base."""
     base = dict(data={"path": "testbed:train", "n": 16}, train_batch=8, micro_batch=8, max_new_tokens=64,
                 threads=2, eval_every=1, valid_data={"path": "testbed:valid", "n": 16}, eval_max_new_tokens=128)
     base.update(kw)
     return rl_cfg(tmp_path, policy, name, **base)
+
+
+def test_selection_is_due_at_the_start_every_n_steps_and_after_the_last():
+    from satori.train.select import due
+
+    assert [s for s in range(13) if due(s, 5, 12)] == [0, 5, 10, 12]
+    assert [s for s in range(11) if due(s, 5, 10)] == [0, 5, 10]
 
 
 def test_improves_keeps_the_earlier_model_on_ties():
@@ -285,7 +285,7 @@ def test_selection_keeps_the_starting_policy_when_every_step_is_worse(tmp_path, 
     acc = {r["step"]: r["valid_acc"] for r in rows if "valid_acc" in r}
     assert list(acc) == [0, 1, 2] and acc[0] > 0.5 > max(acc[1], acc[2]), acc
     assert res["best_step"] == 0 and res["best_valid_acc"] == acc[0]
-    assert _same(_weights(tmp_path / "sel"), _weights(shipped_coat))
+    assert same_weights(model_weights(tmp_path / "sel"), model_weights(shipped_coat))
     info = json.loads((tmp_path / "sel" / "rl_result.json").read_text())
     assert info["last_step"]["final"] == "best held-out model (step 0)"
     # selection only reads the policy: the same run without it trains identically, and its
@@ -293,7 +293,7 @@ def test_selection_keeps_the_starting_policy_when_every_step_is_worse(tmp_path, 
     run_rl(_selection_cfg(tmp_path, shipped_coat, "last", actor_lr=1e-2, eval_every=0))
     plain = metrics(tmp_path / "last")
     assert [r["policy_loss"] for r in plain] == [r["policy_loss"] for r in rows if "policy_loss" in r]
-    assert not _same(_weights(tmp_path / "last"), _weights(shipped_coat))
+    assert not same_weights(model_weights(tmp_path / "last"), model_weights(shipped_coat))
 
 
 def test_selection_picks_the_best_step(tmp_path, shipped_coat):
@@ -308,8 +308,8 @@ def test_selection_picks_the_best_step(tmp_path, shipped_coat):
     top = max(a for _, a in acc)
     assert top > acc[0][1], acc
     assert res["best_step"] == next(s for s, a in acc if a == top)  # the earliest of the best
-    assert _same(_weights(tmp_path / "up"), _weights(tmp_path / "up" / "best"))
-    assert not _same(_weights(tmp_path / "up"), _weights(shipped_coat))
+    assert same_weights(model_weights(tmp_path / "up"), model_weights(tmp_path / "up" / "best"))
+    assert not same_weights(model_weights(tmp_path / "up"), model_weights(shipped_coat))
 
 
 def test_resume_keeps_the_selection(tmp_path, shipped_coat):
@@ -327,7 +327,7 @@ def test_resume_keeps_the_selection(tmp_path, shipped_coat):
     # without the best model in the checkpoint's state, the resumed run would take step 2, its
     # first measurement, as the best
     assert json.loads((part / "best" / "best.json").read_text())["step"] == 0
-    assert _same(_weights(part), _weights(shipped_coat))
+    assert same_weights(model_weights(part), model_weights(shipped_coat))
 
 
 def test_test_split_is_refused_for_rl_selection(tmp_path, tiny_coat):

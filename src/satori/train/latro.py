@@ -83,7 +83,7 @@ from satori.train.common import (
     save_checkpoint,
     save_final_model,
 )
-from satori.train.select import BestModel
+from satori.train.select import BestModel, due
 from satori.train.sft import global_batch
 from satori.utils import seed_everything, set_threads, write_json
 
@@ -435,7 +435,7 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
                        "grad_norm": float(grad_norm), "lr": lr, "sample_seconds": round(t_sample, 3),
                        "step_seconds": round(time.time() - t_step, 3), "elapsed": round(time.time() - t0, 2)}
             # 6. held-out accuracy, best-model selection, checkpoints
-            if valid and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if valid and due(done, cfg.eval_every, cfg.steps):
                 metrics["valid_acc"] = best.evaluate(model, done)
                 result["last_valid_acc"] = metrics["valid_acc"]
             log.log(done, metrics)

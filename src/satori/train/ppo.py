@@ -72,7 +72,7 @@ from satori.train.common import (
     MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
-from satori.train.select import BestModel
+from satori.train.select import BestModel, due
 from satori.utils import seed_everything, set_threads, write_json
 
 ADVANTAGES = ("gae", "grpo", "rloo")
@@ -380,7 +380,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     def select(done: int) -> dict[str, float]:
         """Held-out accuracy after step ``done`` when it is due (every ``eval_every`` steps, the last
         step, and the start), with the best step so far; else nothing."""
-        if not valid or (done % cfg.eval_every and done not in (0, cfg.steps)):
+        if not valid or not due(done, cfg.eval_every, cfg.steps):
             return {}
         return {"valid_acc": best.evaluate(policy, done), "best_step": best.best["step"]}
 

@@ -33,6 +33,12 @@ BEST = "best"
 INFO = "best.json"
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether the held-out measurement is taken after ``step`` steps: at the start (step 0),
+    every ``every`` steps, and after the ``last`` step."""
+    return step in (0, last) or step % every == 0
+
+
 def improves(value: float, best: dict[str, Any]) -> bool:
     """Whether a held-out score ``value`` replaces the best so far (strictly better: ties keep
     the earlier model, the start of the run included)."""
