@@ -1,9 +1,10 @@
-"""Re-run RL round 1 of a finished `satori run` with other settings, and compare greedy accuracy.
+"""Re-run an RL stage of a finished `satori run` with other settings, and compare greedy accuracy.
 
 Not a speed benchmark: a screening tool for issue 4 (does RL beat format tuning?). It reads the
-round-1 RL config that a finished run recorded (``RUN/rl_round1-sS/rl_result.json``), so each
-variant starts from the same format-tuned model, ORM and restart buffer; only the overrides
-change. Every model, the format-tuned one included, is then evaluated greedily on ``--n`` problems
+RL config that a finished run recorded for ``--stage`` (``RUN/rl_round1-sS/rl_result.json`` by
+default; ``--stage rl_round2`` for round 2), so each variant starts from the same policy (the
+format-tuned model, or for round 2 the distilled one), ORM and restart buffer; only the overrides
+change. Every model, the starting one included, is then evaluated greedily on ``--n`` problems
 of ``--data`` (validation by default: settings are chosen there, the test split only reports;
 500 problems give a standard error of about 1.3 points at 90%),
 and with ``--k`` sampled as the presets sample (T 0.7) on the first ``--sample-limit`` of them,
@@ -61,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished `satori run` folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage", default="rl_round1", help="the RL stage re-run: rl_round1, rl_round2 or an ablation's")
     ap.add_argument("--data", default="testbed:valid", help="evaluation problems (a path or testbed:SPLIT)")
     ap.add_argument("--n", type=int, default=500, help="problems for the greedy evaluation")
     ap.add_argument("--k", type=int, default=0, help="samples per problem for the sampled reflection figures")
@@ -69,13 +71,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/rl_sweep"))
     args = ap.parse_args()
 
-    recorded = args.run / f"rl_round1-s{args.seed}" / "rl_result.json"
+    recorded = args.run / f"{args.stage}-s{args.seed}" / "rl_result.json"
     if not recorded.exists():
-        sys.exit(f"{recorded}: not found; give a run folder whose satori branch finished")
+        sys.exit(f"{recorded}: not found; give a run folder whose {args.stage} stage finished")
     cfg = json.loads(recorded.read_text())["config"]
     cfg.pop("out")
     args.out.mkdir(parents=True, exist_ok=True)
-    base_yaml = args.out / f"round1-s{args.seed}.yaml"
+    base_yaml = args.out / f"{args.stage}-s{args.seed}.yaml"
     base_yaml.write_text(yaml.safe_dump(cfg))
 
     # the evaluation settings name the folder, so a finished evaluation is reused only for the same ones
@@ -85,7 +87,8 @@ def main() -> None:
     def measure(model: Path, out: Path) -> dict:
         return evaluate(model, out.with_name(f"{out.name}-{tag}"), args.data, args.n, args.k, args.sample_limit)
 
-    rows = [("format-tuned", measure(Path(cfg["policy"]), args.out / f"eval-ft-s{args.seed}"))]
+    start = "format-tuned" if args.stage == "rl_round1" else f"start of {args.stage}"
+    rows = [(start, measure(Path(cfg["policy"]), args.out / f"eval-start-{args.stage}-s{args.seed}"))]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
         if not name or not overrides:

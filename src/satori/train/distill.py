@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from satori.coat import REFLECT
 from satori.config import check
 from satori.data import DataConfig, load_problems, read_jsonl
 from satori.errors import SatoriError
@@ -44,6 +45,9 @@ class DistillConfig:
     batch_size: int = 64
     keep_fraction: float = field(default=0.5, metadata={"help": "share of the solved problems kept, hardest first"})
     max_success_rate: float = field(default=1.0, metadata={"help": "drop problems solved more often than this"})
+    pick: str = field(default="shortest", metadata={
+        "help": "which correct trajectory of a kept problem: shortest, first (the first sampled: an unbiased "
+                "draw from the policy's correct ones) or reflective (the first that reflects, else the first)"})
     sft: SFTConfig = field(default_factory=SFTConfig)
     seed: int = 0
     threads: int = 0
@@ -55,17 +59,34 @@ class DistillConfig:
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(0 < self.keep_fraction <= 1, f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         check(0 < self.max_success_rate <= 1, f"max_success_rate must be in (0, 1], got {self.max_success_rate}")
+        check(self.pick in PICKS, f"pick must be one of {', '.join(PICKS)}, got {self.pick!r}")
 
 
-def select_hardest_solved(samples: list[dict[str, Any]], keep_fraction: float,
-                          max_success_rate: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+#: how :func:`select_hardest_solved` picks a kept problem's trajectory among its correct samples
+PICKS = ("shortest", "first", "reflective")
+
+
+def pick_trajectory(correct: list[dict[str, Any]], pick: str) -> dict[str, Any]:
+    """One of a problem's correct samples (in sampling order): the ``shortest`` (ties: the first
+    sampled), the ``first``, or the first ``reflective`` one (with a ``<|reflect|>``), else the first."""
+    if pick == "shortest":
+        return min(correct, key=lambda s: len(s["response"]))
+    if pick == "reflective":
+        return next((s for s in correct if REFLECT in s["response"]), correct[0])
+    if pick == "first":
+        return correct[0]
+    raise SatoriError(f"distill: unknown pick {pick!r}; expected one of {', '.join(PICKS)}")
+
+
+def select_hardest_solved(samples: list[dict[str, Any]], keep_fraction: float, max_success_rate: float = 1.0,
+                          pick: str = "shortest") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One correct trajectory for each of the hardest solved problems.
 
     ``samples`` are dicts with ``id``, ``question``, ``response`` and ``correct``. A problem's
     success rate is the share of its samples that are correct; problems never solved, or
     solved more often than ``max_success_rate``, are dropped; the rest are sorted by success
-    rate (ascending, ties by id) and the first ``ceil(keep_fraction * n)`` kept. The kept
-    trajectory is the shortest correct one (ties: the first sampled).
+    rate (ascending, ties by id) and the first ``ceil(keep_fraction * n)`` kept, each with the
+    correct trajectory :func:`pick_trajectory` chooses.
     """
     import math
 
@@ -79,12 +100,13 @@ def select_hardest_solved(samples: list[dict[str, Any]], keep_fraction: float,
     chosen = []
     for pid in kept:
         correct = [s for s in by_id[pid] if s["correct"]]
-        best = min(correct, key=lambda s: len(s["response"]))
+        best = pick_trajectory(correct, pick)
         chosen.append({"id": pid, "question": best["question"], "answer": best["answer"],
                        "response": best["response"], "success_rate": rates[pid]})
     stats = {"problems": len(by_id), "solved": sum(r > 0 for r in rates.values()), "kept": len(chosen),
              "mean_success_rate": sum(rates.values()) / max(1, len(rates)),
-             "kept_mean_success_rate": sum(c["success_rate"] for c in chosen) / max(1, len(chosen))}
+             "kept_mean_success_rate": sum(c["success_rate"] for c in chosen) / max(1, len(chosen)),
+             "kept_reflective": sum(REFLECT in c["response"] for c in chosen)}
     return chosen, stats
 
 
@@ -103,7 +125,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                                 k=cfg.n_samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed, batch_size=cfg.batch_size)
         write_jsonl(pool_path, samples)
-    chosen, stats = select_hardest_solved(samples, cfg.keep_fraction, cfg.max_success_rate)
+    chosen, stats = select_hardest_solved(samples, cfg.keep_fraction, cfg.max_success_rate, cfg.pick)
     if not chosen:
         raise SatoriError(f"distill: the policy {cfg.policy} solved none of the {stats['problems']} pool problems")
     write_jsonl(out / "distill_data.jsonl", chosen)
