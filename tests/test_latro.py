@@ -107,6 +107,28 @@ def test_make_rollouts_cuts_real_tokens_and_appends_the_gold_answer(tiny):
     s2 = Sample(prompt=prompt, text="", prompt_ids=sample.prompt_ids, response_ids=resp2, truncated=False)
     [r2] = make_rollouts([s2], [y], tok, [tok.eos_token_id], ["The answer is"], max_tokens=64)
     assert r2.rationale_ids == resp2 and r2.stop == "eos"
+    # a rationale that does not end a line gets y after the separator, not glued to its last word
+    y_sep = tok("\n" + answer_text(p), add_special_tokens=False)["input_ids"]
+    [r3, r4] = make_rollouts([s2, sample], [y], tok, [tok.eos_token_id], ["The answer is"], max_tokens=64,
+                             separated_ids=[y_sep])
+    assert r3.answer_ids == y_sep and tok.decode(r3.rationale_ids + r3.answer_ids) == (
+        "Step 1: 3 + 4 = 7\nThe answer is \\boxed{7}.")
+    assert r4.answer_ids == y  # cut at a cue that starts a line: y as it is
+
+
+def test_a_cue_inside_a_token_is_cut_before_that_token_and_y_follows_the_separator():
+    # a real tokenizer may write " $\\" as one token: the cue "\\boxed" starts inside it
+    pieces = [" the", " answer", " is", " $\\", "boxed", "{", "1", "8", "}$", "<eos>"]
+    ids = list(range(len(pieces) - 1)) + [EOS]
+    assert cut_rationale(ids, pieces, {EOS}, ["The answer is", "\\boxed"], 50) == (3, "cue")
+
+    class Pieces:  # decodes each id to its piece, as batch_decode does
+        def batch_decode(self, rows, **kw):
+            return [pieces[r[0]] if r[0] != EOS else "<eos>" for r in rows]
+
+    s = Sample(prompt="q", text="", prompt_ids=[50], response_ids=ids[:-1], truncated=False, index=0)
+    [r] = make_rollouts([s], [[60]], Pieces(), [EOS], ["The answer is", "\\boxed"], 50, separated_ids=[[61, 60]])
+    assert r.rationale_ids == [0, 1, 2] and r.stop == "cue" and r.answer_ids == [61, 60]
 
 
 # --------------------------------------------------------------------------- estimator

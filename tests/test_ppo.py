@@ -333,3 +333,47 @@ def test_resume_keeps_the_selection(tmp_path, shipped_coat):
 def test_test_split_is_refused_for_rl_selection(tmp_path, tiny_coat):
     with pytest.raises(SatoriError, match="test split"):
         run_rl(rl_cfg(tmp_path, tiny_coat, "x", eval_every=1, valid_data={"path": "testbed:test", "n": 4}))
+
+
+def test_group_advantages_are_not_whitened_again_but_gae_advantages_are(tmp_path, tiny_coat):
+    from satori import algos
+    from satori.train.ppo import rollout_advantages
+
+    # two prompts, two samples each: the first prompt's samples both wrong (no signal), the
+    # second's one right and short, one wrong and long
+    scores = torch.tensor([-1.0, -1.0, 0.0, -1.0])
+    lengths = [10, 10, 2, 10]
+    mask = torch.zeros(4, 10)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    for adv_kind, fn in (("grpo", algos.grpo_advantages), ("rloo", algos.rloo_advantages)):
+        adv = fn(scores, 2).unsqueeze(1) * mask
+        cfg = rl_cfg(tmp_path, tiny_coat, "x", advantage=adv_kind, n_samples=2, rollout_batch=2)
+        out = rollout_advantages(adv, mask, cfg)
+        assert torch.equal(out[:2], torch.zeros(2, 10))  # a group that all scored the same teaches nothing
+        assert out[2, 0] > 0 > out[3, 0]
+        # re-centring over the tokens (what whitening did) gives the all-wrong group a positive advantage
+        assert algos.masked_whiten(adv, mask)[0, 0] > 0.4
+    gae = torch.randn(4, 10) * mask
+    assert torch.allclose(rollout_advantages(gae, mask, rl_cfg(tmp_path, tiny_coat, "x")), algos.masked_whiten(gae, mask))
+    assert torch.equal(rollout_advantages(gae, mask, rl_cfg(tmp_path, tiny_coat, "x", whiten_advantages=False)), gae)
+
+
+def test_actor_lr_schedule_warms_up_then_follows_the_named_schedule(tmp_path, tiny_coat):
+    from satori.train.common import make_scheduler
+
+    def lrs(kind, total=10, warmup=2):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make_scheduler(opt, kind, total, warmup), []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("constant") == [0.5] + [1.0] * 9  # a warm-up no longer switches the schedule to cosine
+    assert lrs("constant", warmup=0) == [1.0] * 10
+    cos = lrs("cosine")
+    assert cos[:2] == [0.5, 1.0] and cos[-1] < 0.05 and cos[1:] == sorted(cos[1:], reverse=True)
+    with pytest.raises(SatoriError, match="lr_schedule must be one of constant, cosine, linear, got 'step'"):
+        rl_cfg(tmp_path, tiny_coat, "x", lr_schedule="step").validate()

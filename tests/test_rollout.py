@@ -156,3 +156,22 @@ def test_shared_prompt_logprobs_on_a_qwen2_layout(tiny_coat):
     model = tiny_qwen2(len(tok))
     _shared_prompt_matches_token_logprobs(model, tok, ["Problem: Ana has 3 apples.\nSolution:\n", "Q\n"], n=2,
                                           temperature=1.0)
+
+
+def test_a_sample_records_which_of_several_end_tokens_stopped_it(tiny_coat):
+    # chat models list several end tokens (e.g. <|im_end|> and <|endoftext|>); a trainer must score
+    # the one that was sampled, not the tokenizer's eos_token
+    tok, model = load_tokenizer(tiny_coat), load_model(tiny_coat)
+    prompts = ["Problem: Ana has 3 apples.\nSolution:\n", "Problem: Ben finds 7 coins.\nSolution:\n", "Q\n"]
+    free = generate(model, tok, prompts, max_new_tokens=16, temperature=1.0, seed=3)
+    # a prompt whose sampled answer writes a new token after its first one: make that token an end token
+    i, k = next((i, k) for i, s in enumerate(free) for k in range(1, len(s.response_ids))
+                if s.response_ids[k] not in s.response_ids[:k])
+    ids = free[i].response_ids
+    assert ids[k] != tok.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids[k]]
+    [s] = generate(model, tok, prompts[i:i + 1], max_new_tokens=16, temperature=1.0, seed=3, prompt_offset=i)
+    assert s.response_ids == ids[:k] and not s.truncated and s.stop_id == ids[k]
+    assert s.scored_ids(tok.eos_token_id) == ids[:k + 1]
+    [cut] = generate(model, tok, prompts[i:i + 1], max_new_tokens=k, temperature=1.0, seed=3, prompt_offset=i)
+    assert cut.truncated and cut.stop_id is None and cut.scored_ids(tok.eos_token_id) == ids[:k]

@@ -40,6 +40,14 @@ class Sample:
     truncated: bool  # stopped by the length limit, not by an end-of-sequence token
     index: int = 0  # which prompt it answers
     meta: dict[str, Any] = field(default_factory=dict)
+    stop_id: int | None = None  # the end token that stopped it (a model may have several); None if truncated
+
+    def scored_ids(self, eos_id: int) -> list[int]:
+        """The tokens a trainer scores: the response, then the end token that was sampled
+        (``eos_id`` for a sample made without a record of it); no end token when truncated."""
+        if self.truncated:
+            return list(self.response_ids)
+        return [*self.response_ids, eos_id if self.stop_id is None else self.stop_id]
 
 
 def _check_model_path(path: str | Path) -> Path:
@@ -196,10 +204,10 @@ def generate(
                 new = gen[:, width:].tolist()
             for r, k in enumerate(batch):
                 i, j = flat[k]
-                resp, truncated = _cut_at_eos(new[r], set(stop))
+                resp, stop_id = _cut_at_eos(new[r], set(stop))
                 out[k] = Sample(
                     prompt=prompts[i], text=decode(tokenizer, resp), prompt_ids=encoded[i],
-                    response_ids=resp, truncated=truncated, index=i, meta={"sample": j},
+                    response_ids=resp, truncated=stop_id is None, index=i, meta={"sample": j}, stop_id=stop_id,
                 )
             if bar is not None:
                 bar.update(len(batch))
@@ -373,12 +381,12 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def _cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
-    """The response up to (excluding) the first end token; truncated when there is none."""
+def _cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], int | None]:
+    """The response up to (excluding) the first end token, and that token (None: truncated)."""
     for k, t in enumerate(tokens):
         if t in stop:
-            return tokens[:k], False
-    return tokens, True
+            return tokens[:k], t
+    return tokens, None
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:

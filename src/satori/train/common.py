@@ -84,8 +84,17 @@ def linear_lr(step: int, total: int, warmup: int) -> float:
     return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
 
 
+def constant_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then 1."""
+    return (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+
+
+#: the learning-rate schedules a config can name
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
-    fn = {"cosine": cosine_lr, "linear": linear_lr, "constant": lambda s, t, w: 1.0}.get(kind)
+    fn = {"cosine": cosine_lr, "linear": linear_lr, "constant": constant_lr}.get(kind)
     if fn is None:
         raise SatoriError(f"unknown lr schedule {kind!r} (cosine, linear or constant)")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s, total, warmup))

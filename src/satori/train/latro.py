@@ -17,7 +17,9 @@ The loop, top to bottom (:func:`run_latro`):
    the first answer cue ("The answer is", "\\boxed"), or after ``max_rationale_tokens``
    tokens (then it is *truncated* and gets the penalised reward of
    :func:`satori.algos.latro_rewards`);
-3. the gold answer is appended through ``answer_template`` (the template's tokens are y);
+3. the gold answer is appended through ``answer_template`` (the template's tokens are y),
+   after ``answer_separator`` when the rationale does not end in whitespace (see
+   :func:`make_rollouts`);
 4. one policy forward pass per x⊕z⊕y sequence gives both sums, log πθ(z|x) (at the
    sampling temperature, the distribution z was drawn from) and log πθ(y|x⊕z) (at
    temperature 1, summed, not length-normalised); one no-grad pass of π0 gives log π0(z|x);
@@ -119,6 +121,9 @@ class LatroConfig:
     answer_template: str = field(default="", metadata={
         "help": "text of y with an {answer} field (default: 'The answer is \\boxed{{{answer}}}.', "
                 "or 'The answer is {answer}.' for multiple choice)"})
+    answer_separator: str = field(default="\n", metadata={
+        "help": "put before y when the rationale does not end in whitespace (stopped by EOS or length, or cut "
+                "before a token in which a cue starts), so that x⊕z⊕y is text the model could write"})
     truncation_penalty: float = field(default=1.0, metadata={"help": "truncated: group's min reward minus this"})
     answer_floor: float = field(default=float("-inf"), metadata={
         "help": "answer log-likelihoods below this count as this (-inf: none, as in the paper; see "
@@ -228,16 +233,24 @@ def cue_slack(tokenizer: Any, cues: Sequence[str]) -> int:
 
 
 def make_rollouts(samples: Sequence[Sample], answer_ids: Sequence[Sequence[int]], tokenizer: Any,
-                  eos: Sequence[int], cues: Sequence[str], max_tokens: int) -> list[Rollout]:
-    """Cut each sampled response into a rationale and append its question's answer tokens
-    (``answer_ids[sample.index]``)."""
+                  eos: Sequence[int], cues: Sequence[str], max_tokens: int,
+                  separated_ids: Sequence[Sequence[int]] | None = None) -> list[Rollout]:
+    """Cut each sampled response into a rationale and append its question's answer tokens:
+    ``answer_ids[sample.index]`` after a rationale that is empty or ends in whitespace (cut at a
+    cue that starts a line), else ``separated_ids[sample.index]`` (y after the separator; by
+    default the same tokens). Without it, a rationale stopped mid-line, or cut before a token
+    such as `` $\\`` in which the cue ``\\boxed`` starts, would be scored as
+    ``"...the answer isThe answer is \\boxed{7}."``, a string the model never writes."""
+    separated_ids = answer_ids if separated_ids is None else separated_ids
     out = []
     for s in samples:
-        raw = list(s.response_ids) + ([] if s.truncated else [eos[0]])
+        raw = s.scored_ids(eos[0])
         pieces = tokenizer.batch_decode([[t] for t in raw], skip_special_tokens=False,
                                         clean_up_tokenization_spaces=False)
         n, stop = cut_rationale(raw, pieces, eos, cues, max_tokens)
-        out.append(Rollout(list(s.prompt_ids), raw[:n], list(answer_ids[s.index]), stop == "length", stop))
+        text = "".join(pieces[:n])
+        y = answer_ids if not text or text[-1].isspace() else separated_ids
+        out.append(Rollout(list(s.prompt_ids), raw[:n], list(y[s.index]), stop == "length", stop))
     return out
 
 
@@ -342,8 +355,8 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
         raise SatoriError(f"{cfg.data.path}: no training problems")
     valid = load_problems(cfg.valid_data) if cfg.eval_every else []
     prompts = [build_prompt(p, tokenizer) for p in problems]
-    answers = [tokenizer(answer_text(p, cfg.answer_template), add_special_tokens=False)["input_ids"]
-               for p in problems]
+    answers, separated = ([tokenizer(sep + answer_text(p, cfg.answer_template), add_special_tokens=False)["input_ids"]
+                           for p in problems] for sep in ("", cfg.answer_separator))
     stop_ids = eos_ids(model, tokenizer)
     new_tokens = cfg.max_rationale_tokens + cue_slack(tokenizer, cfg.answer_cues)
     pad_id = tokenizer.pad_token_id
@@ -389,7 +402,7 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
                                    batch_size=cfg.gen_batch_size, seed=step_seed(cfg.seed, step),
                                    prompt_offset=rank * share)
             rollouts = make_rollouts(samples, [answers[i] for i in chosen], tokenizer, stop_ids,
-                                     cfg.answer_cues, cfg.max_rationale_tokens)
+                                     cfg.answer_cues, cfg.max_rationale_tokens, [separated[i] for i in chosen])
             t_sample = time.time() - t_step
             # 4-5. one policy pass per sequence; loss scaled to the mean over the global batch
             loss_sum = 0.0

@@ -15,7 +15,8 @@ One loop, top to bottom, each step:
    0 creates no reference model); reward clipping. A NaN / inf reward skips the step.
 4. **Advantages.** ``gae`` (the paper's PPO: a critic initialised from the ORM, γ, λ) or, as
    options of the same loop, ``grpo`` / ``rloo`` group baselines over the ``n_samples``
-   continuations of a state (no critic); optional whitening over the batch.
+   continuations of a state (no critic); GAE advantages are whitened over the batch
+   (``whiten_advantages``), group advantages are not (:func:`rollout_advantages`).
 5. **Update.** ``ppo_epochs`` passes over shuffled mini-batches of ``train_batch``
    sequences (gradient accumulation over ``micro_batch``): clipped policy loss, clipped
    value loss. Log-probabilities at update time use the same temperature and masks as the
@@ -69,7 +70,7 @@ from satori.rollout import (
 )
 from satori.train.common import (
     end_of_step, skip_bad_step,
-    MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
+    LR_SCHEDULES, MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
 from satori.train.select import BestModel, due
@@ -101,7 +102,9 @@ class RLConfig:
     ppo_epochs: int = 1
     actor_lr: float = 1e-5
     critic_lr: float = 5e-5
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata={"help": "policy updates of linear lr warm-up, in steps"})
+    lr_schedule: str = field(default="constant", metadata={"help": "the actor's lr after warm-up: constant "
+                                                                   "(as published), cosine or linear decay to 0"})
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2
@@ -111,7 +114,8 @@ class RLConfig:
     kl_in: str = field(default="reward", metadata={"help": "reward or loss"})
     beta: float = field(default=0.5, metadata={"help": "reflection bonus"})
     reward_clip: float = 10.0
-    whiten_advantages: bool = True
+    whiten_advantages: bool = field(default=True, metadata={
+        "help": "whiten GAE advantages over the rollout (grpo / rloo advantages are centred per prompt already)"})
     entropy_coef: float = 0.0
     temperature: float = 0.6
     max_new_tokens: int = 256
@@ -138,6 +142,8 @@ class RLConfig:
         check(self.critic_init in ("orm", "policy"), f"critic_init must be orm or policy, got {self.critic_init!r}")
         check(self.kl_kind in algos.KL_KINDS, f"kl_kind must be one of {list(algos.KL_KINDS)}, got {self.kl_kind!r}")
         check(self.kl_in in ("reward", "loss"), f"kl_in must be reward or loss, got {self.kl_in!r}")
+        check(self.lr_schedule in LR_SCHEDULES,
+              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         for name in ("steps", "rollout_batch", "train_batch", "micro_batch", "ppo_epochs", "n_samples",
                      "max_new_tokens", "save_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -294,6 +300,17 @@ def load_critic(path: str) -> Any:
     return critic
 
 
+def rollout_advantages(adv: torch.Tensor, mask: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
+    """The advantages the update uses: GAE advantages whitened over the whole rollout when
+    ``whiten_advantages`` (METHOD.md §3); group advantages (grpo, rloo) as they are. Those are
+    centred on their prompt's samples already, and centring them again over the rollout's tokens
+    would give a prompt whose samples all scored the same a non-zero advantage, its sign set by
+    whether the other prompts' wrong answers ran longer."""
+    if cfg.whiten_advantages and cfg.advantage == "gae":
+        return algos.masked_whiten(adv, mask)
+    return adv
+
+
 def run_rl(cfg: RLConfig) -> dict[str, Any]:
     """Train the policy; writes the final policy (and critic) into ``cfg.out``."""
     for name in ("policy", "out"):
@@ -323,6 +340,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
         orm, orm_tok = load_orm(cfg.orm)
         check_same_tokenizer(tokenizer, orm_tok, where=f"ORM {cfg.orm} vs policy {cfg.policy}")
         orm.requires_grad_(False)
+        orm.to(acc.device)
     critic = None
     if cfg.advantage == "gae":
         init = cfg.orm if cfg.critic_init == "orm" and cfg.orm else cfg.policy
@@ -332,12 +350,13 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     if cfg.kl_coef > 0:
         ref = load_model(cfg.policy)
         ref.requires_grad_(False)
+        ref.to(acc.device)
 
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, weight_decay=0.0)
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch * cfg.n_samples // cfg.train_batch)
-    sched = make_scheduler(opt, "constant" if not cfg.warmup_steps else "cosine",
-                           (cfg.steps - cfg.critic_warmup) * updates_per_step, cfg.warmup_steps * updates_per_step)
+    sched = make_scheduler(opt, cfg.lr_schedule, (cfg.steps - cfg.critic_warmup) * updates_per_step,
+                           cfg.warmup_steps * updates_per_step)
     models: dict[str, Any] = {"policy": policy}
     optims: dict[str, Any] = {"policy_opt": opt, "policy_sched": sched}
     critic_opt = None
@@ -430,7 +449,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
 
             # ---- pack sequences, old log-probs, reference log-probs, values
             batch = pack_sequences([s.prompt_ids for s in samples],
-                                   [s.response_ids + ([] if s.truncated else [eos_id]) for s in samples],
+                                   [s.scored_ids(eos_id) for s in samples],
                                    pad_id=pad_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             mask = batch["response_mask"]
@@ -459,8 +478,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             # every process gets the whole rollout, so mini-batches are the same as in one process
             rollout = _gather_rollout(acc, {**batch, "old_logp": old_logp, "ref_logp": ref_logp,
                                             "old_values": old_values, "adv": adv, "returns": returns}, pad_id)
-            if cfg.whiten_advantages:
-                rollout["adv"] = algos.masked_whiten(rollout["adv"], rollout["response_mask"])
+            rollout["adv"] = rollout_advantages(rollout["adv"], rollout["response_mask"], cfg)
 
             # ---- 5. PPO update
             t_scored = time.perf_counter()
