@@ -376,5 +376,7 @@ def test_actor_lr_schedule_warms_up_then_follows_the_named_schedule(tmp_path, ti
     assert lrs("constant", warmup=0) == [1.0] * 10
     cos = lrs("cosine")
     assert cos[:2] == [0.5, 1.0] and cos[-1] < 0.05 and cos[1:] == sorted(cos[1:], reverse=True)
+    with pytest.raises(SatoriError, match="unknown lr schedule 'step'; expected one of constant, cosine, linear"):
+        lrs("step")
     with pytest.raises(SatoriError, match="lr_schedule must be one of constant, cosine, linear, got 'step'"):
         rl_cfg(tmp_path, tiny_coat, "x", lr_schedule="step").validate()

@@ -96,7 +96,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> Any:
     fn = {"cosine": cosine_lr, "linear": linear_lr, "constant": constant_lr}.get(kind)
     if fn is None:
-        raise SatoriError(f"unknown lr schedule {kind!r} (cosine, linear or constant)")
+        raise SatoriError(f"unknown lr schedule {kind!r}; expected one of {', '.join(LR_SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s, total, warmup))
 
 
