@@ -9,7 +9,7 @@ import pytest
 
 from satori.config import load_config
 from satori.errors import SatoriError
-from satori.pipeline import SHIPPED_BASE, PipelineConfig, dry_run, run_pipeline
+from satori.pipeline import SHIPPED_BASE, PipelineConfig, _synth_config, dry_run, run_pipeline
 
 # every stage at its smallest: a handful of problems, one or two optimiser steps
 TOY = {
@@ -80,6 +80,16 @@ def test_distillation_samples_the_train_data_unless_given_its_own_pool():
     assert cfg.distill_pool() == cfg.distill_data and cfg.distill_pool().n == 12
 
 
+def test_demonstrations_are_synthesised_on_the_train_data_unless_given_their_own_pool(tmp_path):
+    cfg = load_config(PipelineConfig, overrides=TOY)
+    assert cfg.format_data.path == "" and cfg.format_pool() == cfg.train_data
+    assert _synth_config(cfg, "BASE", 0, tmp_path).data == cfg.train_data
+    cfg = load_config(PipelineConfig, overrides={**TOY, "format_data": {"path": "testbed:train", "n": 20}})
+    synth = _synth_config(cfg, "BASE", 1, tmp_path)
+    assert synth.data == cfg.format_data and synth.data.n == 20 and synth.seed == 1
+    assert synth.generator.path == "BASE"  # the local generator is the base model
+
+
 def test_rl_selection_reads_valid_data_unless_given_its_own_pool_never_the_test_split():
     cfg = load_config(PipelineConfig, overrides={k: v for k, v in TOY.items() if k != "rl_valid_data"})
     assert cfg.rl_valid_data.path == "" and cfg.rl_valid_pool() == cfg.valid_data
@@ -90,8 +100,9 @@ def test_rl_selection_reads_valid_data_unless_given_its_own_pool_never_the_test_
 
 def test_the_dry_run_reads_the_distillation_pool_and_names_a_missing_file(tmp_path):
     lines: list[str] = []
-    report = dry_run(load_config(PipelineConfig, overrides=TOY), echo=lines.append)
-    assert report["train_data"] == 8 and report["distill_data"] == 12
+    cfg = load_config(PipelineConfig, overrides={**TOY, "format_data": {"path": "testbed:train", "n": 10}})
+    report = dry_run(cfg, echo=lines.append)
+    assert report["train_data"] == 8 and report["format_data"] == 10 and report["distill_data"] == 12
     assert lines[-1] == "dry run passed: nothing was trained"
     missing = tmp_path / "pool.jsonl"
     cfg = load_config(PipelineConfig, overrides={**TOY, "distill_data": {"path": str(missing)}})

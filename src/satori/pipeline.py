@@ -64,6 +64,9 @@ class PipelineConfig:
     valid_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:valid", n=100))
     test_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:test", n=200))
     ood_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:ood", n=100))
+    format_data: DataConfig = field(default_factory=lambda: DataConfig(path=""), metadata={
+        "help": "the problems stage 1's demonstrations are synthesised on (path '' = train_data); the paper "
+                "format-tunes on 10K problems, its own set, and RL samples another"})
     distill_data: DataConfig = field(default_factory=lambda: DataConfig(path=""), metadata={
         "help": "the pool the round-1 policy is sampled on for distillation (path '' = train_data); a pool "
                 "larger than RL's problems gives the base model more of the hardest solved ones"})
@@ -123,6 +126,10 @@ class PipelineConfig:
     def rl_valid_pool(self) -> DataConfig:
         """RL's held-out problems: ``rl_valid_data`` when it names a path, else ``valid_data``."""
         return self.rl_valid_data if self.rl_valid_data.path else self.valid_data
+
+    def format_pool(self) -> DataConfig:
+        """Format tuning's problems: ``format_data`` when it names a path, else the train data."""
+        return self.format_data if self.format_data.path else self.train_data
 
     def distill_pool(self) -> DataConfig:
         """Distillation's problems: ``distill_data`` when it names a path, else the train data."""
@@ -328,11 +335,11 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
 
 
 def _synth_config(cfg: PipelineConfig, base: str | None, seed: int, run_dir: Path) -> SynthConfig:
-    """The synthesis stage's config: the pipeline's train data; a local generator is the base model."""
+    """The synthesis stage's config: format tuning's problems; a local generator is the base model."""
     gen = cfg.synth.generator
     if gen.backend in ("", "hf") and not gen.path and base:
         gen = _with(gen, path=base)
-    return _with(cfg.synth, data=cfg.train_data, out=str(run_dir / f"synth-s{seed}"), seed=seed, generator=gen)
+    return _with(cfg.synth, data=cfg.format_pool(), out=str(run_dir / f"synth-s{seed}"), seed=seed, generator=gen)
 
 
 def _demos_file(folder: Path) -> Path:
@@ -445,7 +452,8 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
     from satori.rollout import load_tokenizer
 
     report: dict[str, Any] = {}
-    for name in ("train_data", "valid_data", "test_data", "ood_data", "distill_data", "rl_valid_data"):
+    for name in ("train_data", "valid_data", "test_data", "ood_data", "format_data", "distill_data",
+                 "rl_valid_data"):
         data = getattr(cfg, name)
         if data.path:
             n = len(load_problems(data))
@@ -465,7 +473,7 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
         from satori.synth.pipeline import prepare_agents
 
         prepare_agents(_synth_config(cfg, base, cfg.seeds[0], Path(cfg.out or f"runs/{cfg.name}")),
-                       load_problems(cfg.train_data), load_models=False)
+                       load_problems(cfg.format_pool()), load_models=False)
         echo(f"ok  synthesis agents: generator={cfg.synth.generator.backend}, critic={cfg.synth.critic.backend}, "
              f"selector={cfg.synth.selector.backend}")
     echo("dry run passed: nothing was trained")
