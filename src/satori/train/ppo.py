@@ -87,8 +87,11 @@ class RLConfig:
 
     policy: str = field(default="", metadata={"help": "format-tuned model folder"})
     out: str = ""
-    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train"))
-    restart_buffer: str = field(default="", metadata={"help": "initial states JSONL from `satori rae` ('' = no RAE)"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:train"), metadata={
+        "help": "the problems RL samples; unread with a restart buffer, whose states include its problems"})
+    restart_buffer: str = field(default="", metadata={
+        "help": "initial states JSONL from `satori rae` ('' = no RAE): its problems (status 0) and restarts "
+                "replace data"})
     orm: str = field(default="", metadata={"help": "outcome reward model folder ('' = rule reward only)"})
     critic_init: str = field(default="orm", metadata={"help": "orm or policy"})
     critic_warmup: int = field(default=0, metadata={
