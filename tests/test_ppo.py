@@ -1,6 +1,7 @@
 """satori rl: the PPO loop end to end on a tiny model; resume; refusals."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -98,6 +99,32 @@ def test_restart_state_longer_than_context_is_refused(tmp_path, tiny_coat):
                                "prefix": "Step 1: 1 + 1 = 2" * 200 + "<|reflect|>"}) + "\n")
     with pytest.raises(SatoriError, match="initial state of problem 'x'.*exceeds the context"):
         run_rl(rl_cfg(tmp_path, tiny_coat, "ctx", restart_buffer=str(buf)))
+
+
+def test_a_restart_buffer_that_replaces_other_problems_than_data_says_so(tmp_path, caplog):
+    from satori.data import DataConfig, load_problems
+    from satori.train.ppo import load_states
+
+    probs = load_problems(DataConfig(path="testbed:train", n=4))
+    buf = tmp_path / "rae.jsonl"
+    recs = [{"id": p.id, "question": p.question, "answer": p.answer, "status": 0} for p in probs]
+    recs.append({"id": f"{probs[0].id}/wrong-1", "question": probs[0].question, "answer": probs[0].answer,
+                 "status": -1, "prefix": "Step 1: x<|reflect|>", "meta": {"problem_id": probs[0].id}})
+    buf.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def warned(**data):
+        cfg = from_dict(RLConfig, {"restart_buffer": str(buf), **({"data": data} if data else {})})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="satori"):
+            load_states(cfg, None)
+        return caplog.text
+
+    assert warned() == ""                                   # data left at its default
+    assert warned(path="testbed:train", n=4) == ""          # the buffer's own problems
+    assert "data (testbed:train, n=16, limit=0) is unread" in warned(path="testbed:train", n=16)
+    assert "RL samples the 5 states of the restart buffer" in warned(path=str(tmp_path / "missing.jsonl"))
+    buf.write_text("".join(json.dumps(r) + "\n" for r in recs[4:] + recs[1:4]))  # problem 0 only as a restart
+    assert warned(path="testbed:train", n=4) == ""  # its restart names the problem
 
 
 def test_policy_without_coat_tokens_is_refused(tmp_path, tiny_base):

@@ -70,7 +70,8 @@ from satori.rollout import (
 )
 from satori.train.common import (
     end_of_step, skip_bad_step,
-    LR_SCHEDULES, MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, make_accelerator,
+    LR_SCHEDULES, MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, logger,
+    make_accelerator,
     make_scheduler, save_checkpoint, save_final_model,
 )
 from satori.train.select import BestModel, due
@@ -198,7 +199,23 @@ def load_states(cfg: RLConfig, tokenizer: Any) -> list[State]:
         states.append(State(prob, rec.get("prefix") or "", int(rec["status"])))
     if not states:
         raise SatoriError(f"{cfg.restart_buffer}: no initial states")
+    _warn_if_data_unread(cfg, states)
     return states
+
+
+def _warn_if_data_unread(cfg: RLConfig, states: list[State]) -> None:
+    """A restart buffer's states replace ``data``: say so when ``data`` was set to other problems."""
+    if cfg.data == RLConfig().data:
+        return
+    held = {str(s.problem.meta.get("problem_id", s.problem.id)) for s in states}
+    try:
+        same = {p.id for p in load_problems(cfg.data)} == held
+    except SatoriError:
+        same = False
+    if not same:
+        logger.warning(f"data ({cfg.data.path}, n={cfg.data.n}, limit={cfg.data.limit}) is unread: RL samples the "
+                       f"{len(states)} states of the restart buffer {cfg.restart_buffer}, on {len(held)} problems "
+                       f"that are not data's")
 
 
 def check_context(states: list[State], tokenizer: Any, model: Any, max_new_tokens: int) -> None:
