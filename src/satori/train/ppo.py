@@ -71,8 +71,7 @@ from satori.rollout import (
 from satori.train.common import (
     end_of_step, skip_bad_step,
     LR_SCHEDULES, MetricsLog, StopSignal, autocast, grads_finite, latest_checkpoint, load_checkpoint, logger,
-    make_accelerator,
-    make_scheduler, save_checkpoint, save_final_model,
+    make_accelerator, make_scheduler, save_checkpoint, save_final_model,
 )
 from satori.train.select import BestModel, due
 from satori.utils import seed_everything, set_threads, write_json
@@ -214,8 +213,8 @@ def _warn_if_data_unread(cfg: RLConfig, states: list[State]) -> None:
         same = False
     if not same:
         logger.warning(f"data ({cfg.data.path}, n={cfg.data.n}, limit={cfg.data.limit}) is unread: RL samples the "
-                       f"{len(states)} states of the restart buffer {cfg.restart_buffer}, on {len(held)} problems "
-                       f"that are not data's")
+                       f"{len(states)} states of the restart buffer {cfg.restart_buffer} instead, on its own "
+                       f"{len(held)} problems")
 
 
 def check_context(states: list[State], tokenizer: Any, model: Any, max_new_tokens: int) -> None:
