@@ -1,9 +1,11 @@
 """The command line: exact grade contract and one-line errors naming the problem."""
 
 import json
+import logging
 import subprocess
 import sys
 
+import pytest
 
 from satori.cli import main
 
@@ -82,3 +84,23 @@ def test_testbed_probe(tmp_path, capsys, tiny_base):
     assert result["accuracy"] == 0 and checks["wrong"]["repaired"] == 0
     code, _, err = run(capsys, "testbed", "probe", "--model", str(tmp_path / "none"))
     assert code == 2 and "model:" in err and "none" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rank, verbose, shown", [(None, False, True), ("0", False, True), ("1", False, False),
+                                                  ("3", True, True)])
+def test_warnings_show_once_in_a_multi_process_run(monkeypatch, caplog, rank, verbose, shown):
+    from satori.cli import setup_logging
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    logger = logging.getLogger("satori")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    setup_logging(verbose)
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("satori.data").warning("3 malformed records skipped")
+        logging.getLogger("satori.train").error("out of memory")
+    messages = [r.getMessage() for r in caplog.records]
+    assert ("3 malformed records skipped" in messages) is shown
+    assert "out of memory" in messages  # errors from every process

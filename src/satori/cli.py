@@ -60,10 +60,24 @@ def _cmd_pretrain(cfg: Any, args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2, default=str))
 
 
+def _is_main_process() -> bool:
+    """Whether this is the first process of a launch (``RANK`` is set by accelerate / torchrun), or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """INFO to stderr (DEBUG with ``--verbose``). Every process of a multi-process run reads the
+    same data and takes the same steps, so its warnings would repeat once per process: the
+    processes after the first log errors only, unless ``--verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("satori").setLevel(logging.NOTSET if verbose or _is_main_process() else logging.ERROR)
+
+
 def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argparse.Namespace], None]:
     def run(cfg: Any, args: argparse.Namespace) -> None:
         result = fn(cfg)
-        if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
+        if _is_main_process():  # one summary, not one per process
             print(json.dumps(result, indent=2, default=str))
     return run
 
@@ -161,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     cls, runner, _, _ = commands[args._command]
     try:
         cfg = config_from_args(cls, args)
