@@ -22,19 +22,38 @@ def test_cut_zero_keeps_everything_then_reflects():
     assert cut_trajectory(FOUR, 0) == FOUR + R
 
 
-def test_cut_two_drops_the_last_two_steps_at_token_boundaries():
-    prefix = cut_trajectory(FOUR, 2)
+def test_cut_drops_line_steps_at_token_boundaries():
+    prefix = cut_trajectory(FOUR, 1)
     assert prefix == f"Step 1: 2 + 3 = 5\n\n{C}Step 2: 5 * 2 = 10\n\n{R}"
     assert [s.action for s in parse_steps(prefix)] == ["continue", "continue", "reflect"]
-    one = cut_trajectory(FOUR, 1)
-    assert one == f"Step 1: 2 + 3 = 5\n\n{C}Step 2: 5 * 2 = 10\n\n{R}Wait, 5 * 2 = 10 is correct.\n\n{R}"
-    assert "boxed" not in one  # T >= 1 removes the final-answer step
+    assert "boxed" not in prefix  # T >= 1 removes the final-answer step
+    # the reflection on step 2 is no step of the line: T = 1 cuts it away with step 3, never
+    # leaving two reflections in a row
+    assert cut_trajectory(FOUR, 2) == f"Step 1: 2 + 3 = 5\n\n{R}"
+
+
+def test_cut_counts_the_steps_of_the_line_and_never_ends_on_a_reflection():
+    fixed = (f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 8{R}12 - 3 = 9, so step 2 is wrong.{E}Step 2: 12 - 3 = 9"
+             f"{C}Step 3: 9 * 2 = 18{C}Step 4: 18 / 3 = 6 \\boxed{{6}}")
+    assert cut_trajectory(fixed, 0) == fixed + R
+    assert cut_trajectory(fixed, 1) == fixed[: fixed.index(f"{C}Step 4")] + R
+    assert cut_trajectory(fixed, 2) == fixed[: fixed.index(f"{C}Step 3")] + R  # right after the redone step
+    assert cut_trajectory(fixed, 3) == f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 8{R}"  # the mistake, its check cut
+    for t in range(4):
+        actions = [s.action for s in parse_steps(cut_trajectory(fixed, t))]
+        assert actions[-1] == "reflect" and actions[-2] != "reflect"
+    # a response that ends on a reflection: T = 0 drops it rather than reflect on it
+    assert cut_trajectory(RIGHT_CHAIN + f"{R}All four steps check out.", 0) == RIGHT_CHAIN + R
+    # the mistake is in step 2 and two line steps follow it, whatever the reflections
+    checked = WRONG_CHAIN.replace(f"8{C}Step 3", f"8{R}Step 2 looks right.{C}Step 3")
+    assert first_error_cut(CHAIN, checked) == 2
+    assert cut_trajectory(checked, 2) == f"Step 1: 7 + 5 = 12{C}Step 2: 12 - 3 = 8{R}"
 
 
 def test_cut_never_removes_every_step():
-    assert cut_trajectory(FOUR, 3) == f"Step 1: 2 + 3 = 5\n\n{R}"
-    with pytest.raises(SatoriError, match="4 step"):
-        cut_trajectory(FOUR, 4)
+    assert cut_trajectory(FOUR, 2) == f"Step 1: 2 + 3 = 5\n\n{R}"
+    with pytest.raises(SatoriError, match="3 step"):
+        cut_trajectory(FOUR, 3)  # three steps extend the line; the reflection does not
     with pytest.raises(SatoriError, match="blank"):
         cut_trajectory("  \n", 0)
     # plain text without meta tokens is one step: only T = 0
