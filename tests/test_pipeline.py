@@ -108,13 +108,3 @@ def test_the_dry_run_reads_the_distillation_pool_and_names_a_missing_file(tmp_pa
     cfg = load_config(PipelineConfig, overrides={**TOY, "distill_data": {"path": str(missing)}})
     with pytest.raises(SatoriError, match="pool.jsonl"):
         dry_run(cfg, echo=lines.append)
-
-
-def test_restart_states_that_reflect_after_the_answer_are_flagged_when_demonstrations_never_do(tmp_path):
-    step = {**TOY, "synth": {**TOY["synth"], "reflect_position": "step"}}
-    lines: list[str] = []
-    report = dry_run(load_config(PipelineConfig, overrides=step), echo=lines.append)
-    assert len(report["warnings"]) == 1 and "rae.t_min" in report["warnings"][0]
-    assert lines[0] == "warning: " + report["warnings"][0]
-    assert load_config(PipelineConfig, overrides={**step, "rae": {**TOY["rae"], "t_min": 1}}).warnings() == []
-    assert load_config(PipelineConfig, overrides=TOY).warnings() == []  # mix: some demonstrations reflect at the end

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,8 +44,6 @@ from satori.train.orm import ORMConfig, run_orm
 from satori.train.ppo import RLConfig, run_rl
 from satori.train.sft import SFTConfig, run_sft
 from satori.utils import write_jsonl
-
-logger = logging.getLogger("satori")
 
 ABLATIONS = ("no_rae", "rule_only", "beta0", "cot")
 SHIPPED_BASE = Path(__file__).parent / "assets" / "testbed-base"
@@ -116,14 +113,6 @@ class PipelineConfig:
         check(self.claim_sample_limit >= 0, f"claim_sample_limit must be >= 0, got {self.claim_sample_limit}")
         check(not (self.rl.eval_every or self.rl2.eval_every) or self.rl_valid_pool().path != "testbed:test",
               "rl_valid_data (valid_data when its path is '') picks RL policies and may not be the test split")
-
-    def warnings(self) -> list[str]:
-        """Settings that are valid but work against each other; ``satori run`` and ``--dry-run`` log them."""
-        out = []
-        if "satori" in self.branches and self.synth.reflect_position == "step" and self.rae.t_min == 0:
-            out.append("synth.reflect_position is step but rae.t_min is 0: the demonstrations never reflect after "
-                       "the final answer, yet the restart states cut back 0 steps ask the model to (set rae.t_min: 1)")
-        return out
 
     def eval_for(self, model: str) -> EvalConfig:
         """The evaluation settings of ``model``: ``eval``, with ``claim_sample_limit`` for the models a
@@ -218,8 +207,6 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
     runner = Runner(run_dir, echo=echo,
                     isolate=cfg.stage_processes and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     t0 = time.time()
-    for warning in cfg.warnings():
-        logger.warning(warning)
     base = resolve_base(cfg)
     _plan(runner, cfg, need_pretrain=base is None)
 
@@ -464,9 +451,7 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict[st
     from satori.coat import add_coat_tokens, coat_token_ids
     from satori.rollout import load_tokenizer
 
-    report: dict[str, Any] = {"warnings": cfg.warnings()}
-    for warning in report["warnings"]:
-        echo(f"warning: {warning}")
+    report: dict[str, Any] = {}
     for name in ("train_data", "valid_data", "test_data", "ood_data", "format_data", "distill_data",
                  "rl_valid_data"):
         data = getattr(cfg, name)
