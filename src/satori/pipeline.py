@@ -34,7 +34,7 @@ from satori.config import check, to_dict
 from satori.data import DataConfig, load_problems, read_jsonl
 from satori.errors import SatoriError
 from satori.evaluate import EvalConfig, evaluate
-from satori.rae import RAEConfig, run_rae
+from satori.rae import CUT_RULE, RAEConfig, run_rae
 from satori.stages import Runner, folder_fingerprint
 from satori.synth.pipeline import SynthConfig, run_synth
 from satori.testbed.pretrain import PretrainConfig
@@ -273,7 +273,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
             runner.run(f"orm{s}", to_dict(_with(orm_cfg, out="")), [f"samples{s}"], lambda f: run_orm(orm_cfg))
             rae_cfg = _with(cfg.rae, policy=str(sft_dir), data=cfg.train_data, samples=str(samples),
                             out=str(run_dir / f"rae{s}"), seed=seed, max_new_tokens=cfg.rl.max_new_tokens)
-            runner.run(f"rae{s}", to_dict(_with(rae_cfg, out="")), [f"samples{s}"], lambda f: run_rae(rae_cfg))
+            runner.run(f"rae{s}", {**to_dict(_with(rae_cfg, out="")), "cut_rule": CUT_RULE}, [f"samples{s}"],
+                       lambda f: run_rae(rae_cfg))
             buffer = str(run_dir / f"rae{s}" / "initial_states.jsonl")
             r1 = rl_stage("rl_round1", seed, cfg.rl, str(sft_dir), [f"orm{s}", f"rae{s}"], "PPO round 1 (RAE)",
                           orm=str(orm_dir), restart=buffer)

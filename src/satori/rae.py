@@ -72,6 +72,10 @@ from satori.evaluate import read_samples, sample_graded
 from satori.utils import seed_everything, set_threads, write_json, write_jsonl
 
 STATUS_ORIGINAL, STATUS_POSITIVE, STATUS_NEGATIVE = 0, 1, -1
+# How T counts steps (see the module docstring). It is part of ``satori run``'s cache key for the
+# rae stage, so a run folder whose states were cut by another rule (a reflection counted as a
+# step before 2026-12-06) cuts them again rather than reuse them.
+CUT_RULE = "line steps"
 NEGATIVE_CUTS = ("end", "first_error")
 
 
