@@ -16,15 +16,15 @@ Choices made here, each one deliberate:
   response without tokens is one step, so only ``T = 0`` is possible for it.
 * **``T`` counts the steps that extend the line of reasoning** (continue and explore steps):
   a state never ends on a reflection, so ``<|reflect|>`` is never appended right after a
-  ``<|reflect|>`` step. A reflection is cut away with the step it checks, and ``T = 0`` drops
-  a reflection that ends the response. Two reflections in a row are a situation no COAT
-  demonstration contains, and the model cannot use it: from the full preset's seed-0
-  buffer (2026-12-06), the format-tuned model sampled at T 0.7 finished 14.7% of 150 positive
-  states that cut back to a reflection right, against 84.7% of 150 that cut back to a
-  solution step (negative states 6.0% against 32.7%); 478 of its 3,022 restart states
-  were of that kind when a reflection counted as a step.
+  ``<|reflect|>`` step. A cut keeps a solution step and drops everything after it, the
+  reflections on it included; ``T = 0`` drops a reflection that ends the response. Two
+  reflections in a row are a situation no COAT demonstration contains, and the model cannot
+  use it: see ``benchmarks/restart_states.py`` (in the full preset's seed-0 buffer cut the
+  old way, 478 of 3,022 restart states ended so, and the format-tuned model finished few of
+  them right).
 * **The final-answer step is a step like any other.** ``T = 0`` keeps the whole response,
-  boxed answer included (without a trailing reflection), and the model is asked to reflect on its finished answer;
+  boxed answer included (not a reflection after it), and the model is asked to reflect on
+  its finished answer;
   ``T >= 1`` removes the answer step and the ``T - 1`` steps before it, so the model
   reflects on unfinished reasoning.
 * **Where a wrong trajectory is cut** (``negative_cut``). ``end``, the paper's rule, cuts
