@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from satori.coat import REFLECT, coat_token_ids, parse_steps, render_steps
+from satori.coat import REFLECT, Step, coat_token_ids, parse_steps, render_steps
 from satori.config import check, to_dict
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
@@ -152,11 +152,11 @@ def group_samples(problems: Sequence[Problem], samples: Sequence[dict[str, Any]]
 # --------------------------------------------------------------------------- cutting
 
 
-def line_step_ends(response: str) -> list[int]:
-    """Where a restart state may end: for each COAT step of ``response`` that extends the line
-    of reasoning (a continue or explore step, not a reflection), how many steps a cut right
-    after it keeps. ``T = t`` keeps ``ends[-1 - t]`` steps."""
-    return [i + 1 for i, step in enumerate(parse_steps(response)) if step.action != "reflect"]
+def line_step_ends(steps: Sequence[Step]) -> list[int]:
+    """Where a restart state may end: for each of the COAT ``steps`` (``parse_steps`` of a
+    response) that extends the line of reasoning (a continue or explore step, not a
+    reflection), how many steps a cut right after it keeps. ``T = t`` keeps ``ends[-1 - t]``."""
+    return [i + 1 for i, step in enumerate(steps) if step.action != "reflect"]
 
 
 def cut_trajectory(response: str, t: int) -> str:
@@ -170,7 +170,7 @@ def cut_trajectory(response: str, t: int) -> str:
     steps = parse_steps(response)
     if not steps:
         raise SatoriError("cannot cut a blank response")
-    ends = line_step_ends(response)
+    ends = line_step_ends(steps)
     if not 0 <= t < len(ends):
         raise SatoriError(f"cannot cut back {t} steps from a response with {len(ends)} step(s) "
                           f"that extend its line of reasoning")
@@ -180,7 +180,8 @@ def cut_trajectory(response: str, t: int) -> str:
 def usable_samples(samples: Sequence[dict[str, Any]], t_min: int = 0) -> list[dict[str, Any]]:
     """The samples a restart state may come from: not truncated, and with more than ``t_min``
     line steps (so a blank one never is, and a cut of ``t_min`` steps leaves at least one)."""
-    return [s for s in samples if not s.get("truncated") and len(line_step_ends(s["response"])) > t_min]
+    return [s for s in samples
+            if not s.get("truncated") and len(line_step_ends(parse_steps(s["response"]))) > t_min]
 
 
 def first_error_cut(problem: Problem, response: str) -> int | None:
@@ -191,12 +192,12 @@ def first_error_cut(problem: Problem, response: str) -> int | None:
     first = first_wrong_prefix(problem, [render_steps(steps[: i + 1]) for i in range(len(steps))])
     if first is None:
         return None
-    return sum(end > first + 1 for end in line_step_ends(response))  # the line steps after the mistake
+    return sum(end > first + 1 for end in line_step_ends(steps))  # the line steps after the mistake
 
 
 def _restart_state(problem: Problem, sample: dict[str, Any], status: int, t_range: tuple[int, int],
                    rng: random.Random, negative_cut: str = "end") -> dict[str, Any]:
-    n_steps = len(line_step_ends(sample["response"]))
+    n_steps = len(line_step_ends(parse_steps(sample["response"])))
     t = rng.randint(t_range[0], min(t_range[1], n_steps - 1))
     if status == STATUS_NEGATIVE and negative_cut == "first_error":
         at_error = first_error_cut(problem, sample["response"])
