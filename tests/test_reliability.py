@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -158,6 +158,9 @@ def _write(path: Path, rows) -> Path:
 @pytest.mark.parametrize("rows,match", [
     ([{"question": "a", "answer": "1"}, {"question": "b", "answer": ""}], r"x\.jsonl:2: field 'answer' is empty"),
     ([{"question": "a", "answer": "1"}, {"question": "b", "answer": None}], r"x\.jsonl:2: field 'answer' is empty"),
+    ([{"question": "a", "answer": "#### 2"}, {"question": "b", "answer": "#### "}],  # a draw of the record test
+     r"x\.jsonl:2: the final answer is empty \(gsm8k format\)"),
+    ([{"problem": "a", "solution": "so \\boxed{ }"}], r"x\.jsonl:1: the final answer is empty \(math format\)"),
     ([{"question": "a", "answer": {"v": 1}}], r"x\.jsonl:1: field 'answer' must be text or a number, got dict"),
     ([{"question": "a", "answer": True}], r"x\.jsonl:1: field 'answer' must be text or a number, got bool"),
     ([{"question": 7.5, "answer": [1]}], r"x\.jsonl:1: field 'answer' must be text or a number, got list"),
@@ -207,6 +210,7 @@ _RECORD = st.dictionaries(st.sampled_from(["question", "answer", "problem", "sol
 
 @given(st.lists(_RECORD, max_size=6), st.sampled_from(["raise", "skip"]),
        st.sampled_from(["auto", "plain", "gsm8k", "math", "arc"]))
+@example([{"question": "0", "answer": "#### "}], "raise", "auto")  # found by a draw: a blank answer was let through
 @settings(max_examples=300, deadline=None)
 def test_any_record_gives_a_problem_or_a_clear_error(records, on_error, fmt):
     cfg = DataConfig(path="x.jsonl", on_error=on_error, format=fmt)

@@ -218,6 +218,9 @@ def record_to_problem(rec: dict[str, Any], fmt: str, cfg: DataConfig, where: str
             solution = rec.get(cfg.solution_field)
         if "level" in rec:
             meta["level"] = rec["level"]
+    if not answer.strip():
+        # the field had text, but what it gives as the final answer is blank: "#### " or "\\boxed{ }"
+        raise SatoriError(f"{where}: the final answer is empty ({fmt} format)")
     pid = str(rec[cfg.id_field]) if cfg.id_field and cfg.id_field in rec else str(rec.get("id", index))
     return Problem(id=pid, question=question.strip(), answer=answer.strip(), solution=solution, meta=meta)
 
