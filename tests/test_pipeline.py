@@ -10,6 +10,7 @@ import pytest
 from satori.config import load_config
 from satori.errors import SatoriError
 from satori.pipeline import SHIPPED_BASE, PipelineConfig, _synth_config, dry_run, run_pipeline
+from satori.stages import code_fingerprint
 
 # every stage at its smallest: a handful of problems, one or two optimiser steps
 TOY = {
@@ -66,10 +67,16 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     other = tmp_path / "checkout-b" / "testbed-base"
     shutil.copytree(base, other)
     shutil.rmtree(base)
+    # ... and every stage was made by other satori code (an update): kept, and flagged
+    assert first["code"] == code_fingerprint() and not any("other_code" in s for s in first["stages"])
+    for meta in (tmp_path / "run-b").glob("*/stage.json"):
+        meta.write_text(meta.read_text().replace(f'"code": "{first["code"]}"', '"code": "0ld"'))
     cfg = load_config(PipelineConfig, overrides={**TOY, "base_model": str(other), "out": str(tmp_path / "run-b")})
     again = run_pipeline(cfg, echo=lines.append)
     assert [s["name"] for s in again["stages"]] == stages
     assert all(s["skipped"] for s in again["stages"]), [s["name"] for s in again["stages"] if not s["skipped"]]
+    assert all(s.get("other_code") for s in again["stages"])
+    assert f"{len(stages)} of {len(stages)} stages were made (or started) by other satori code" in lines[-1]
     assert again["models"]["rl_round1"] == first["models"]["rl_round1"]
 
 

@@ -98,6 +98,9 @@ def test_stages_table_names_the_model_a_trainer_kept(results):
     assert header[-1] == "final model"
     assert rows == [["pretrain", "1.2", "yes (cached)", ""],
                     ["ppo_round1", "300.5", "no", "best held-out model (step 10)"], ["total", "301.7", "", ""]]
+    results["stages"][0]["other_code"] = results["stages"][1]["other_code"] = True
+    assert [row[2] for row in stages_rows(results)[1]] == [
+        "yes (cached, made by other satori code)", "no (resumed, started by other satori code)", ""]
 
 
 def by_name(claims: list[dict]) -> dict[str, dict]:

@@ -1,5 +1,9 @@
 """Pipeline stages: cached when unchanged, redone when their config or inputs change."""
 
+import json
+import shutil
+from pathlib import Path
+
 from satori.stages import Runner
 
 
@@ -163,3 +167,55 @@ def test_relocatable_writes_paths_under_known_folders_as_placeholders():
     assert relocatable(cfg, places) == {
         "out": "$RUN/sft-s0", "model": "$BASE", "tag": "/home/u/runs/quickly",  # a sibling is not under the folder
         "nested": {"paths": ["$RUN", "$M/x", "$M", "testbed:train"]}, "n": 3}
+
+
+def test_a_stage_made_by_other_code_is_kept_and_flagged(tmp_path):
+    calls, lines = [], []
+
+    def fn(folder):
+        calls.append(folder.name)
+        return {"ok": folder.name}
+
+    Runner(tmp_path, echo=lines.append, code="aaa").run("a", {"x": 1}, [], fn)
+    assert json.loads((tmp_path / "a" / "stage.json").read_text())["code"] == "aaa"
+    # the same code: cached, not flagged
+    same = Runner(tmp_path, echo=lines.append, code="aaa")
+    same.run("a", {"x": 1}, [], fn)
+    assert "other satori code" not in lines[-1] and "other_code" not in same.summary()[0]
+    # other code, same settings: kept (not run again), and flagged in the line and the summary
+    other = Runner(tmp_path, echo=lines.append, code="bbb")
+    assert other.run("a", {"x": 1}, [], fn) == {"ok": "a"} and calls == ["a"]
+    assert "cached" in lines[-1] and "made by other satori code (aaa, now bbb)" in lines[-1]
+    assert other.summary()[0]["other_code"] is True
+    # an unfinished stage resumed by other code is flagged and keeps the code that started it
+    meta = tmp_path / "a" / "stage.json"
+    meta.write_text(meta.read_text().replace('"done": true', '"done": false'))
+    resumed = Runner(tmp_path, echo=lines.append, code="ccc")
+    resumed.run("a", {"x": 1}, [], fn)
+    assert calls == ["a", "a"] and "resuming" in lines[-2] and "(aaa, now ccc)" in lines[-2]
+    assert json.loads(meta.read_text())["code"] == "aaa" and resumed.summary()[0]["other_code"] is True
+    # a stage.json written before the code was recorded is not flagged
+    record = json.loads(meta.read_text())
+    del record["code"]
+    meta.write_text(json.dumps(record))
+    old = Runner(tmp_path, echo=lines.append, code="ddd")
+    old.run("a", {"x": 1}, [], fn)
+    assert calls == ["a", "a"] and "other satori code" not in lines[-1] and "other_code" not in old.summary()[0]
+
+
+def test_code_fingerprint_follows_the_source_not_its_location(tmp_path):
+    from satori import stages
+    from satori.stages import code_fingerprint
+
+    package = Path(stages.__file__).parent
+    first, moved = tmp_path / "one" / "satori", tmp_path / "two" / "satori"
+    shutil.copytree(package, first, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    shutil.copytree(first, moved)
+    assert code_fingerprint(first) == code_fingerprint(moved) == code_fingerprint(package)
+    (moved / "assets").mkdir()  # data files are not code
+    (moved / "assets" / "x.json").write_text("{}")
+    assert code_fingerprint(moved) == code_fingerprint(first)
+    rae = moved / "rae.py"
+    rae.write_text(rae.read_text().replace("line steps", "all steps"))
+    code_fingerprint.cache_clear()  # a process computes it once
+    assert code_fingerprint(moved) != code_fingerprint(first)

@@ -324,7 +324,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
         "preset": cfg.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "command": command,
         # compute time of the whole pipeline (cached stages count with their original time)
         "seconds": round(sum(r["seconds"] for r in runner.summary()), 1),
-        "wall_seconds_this_invocation": round(time.time() - t0, 1), "version": __version__, "seeds": cfg.seeds,
+        "wall_seconds_this_invocation": round(time.time() - t0, 1), "version": __version__, "code": runner.code,
+        "seeds": cfg.seeds,
         "models": models, "curves": curves, "trajectories": trajectories, "stages": runner.summary(),
         "config": to_dict(cfg),
     }
@@ -332,6 +333,11 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
 
     paths = write_report(results, run_dir)
     echo(_summary_table(results, paths))
+    other = [r["name"] for r in results["stages"] if r.get("other_code")]
+    if other:
+        echo(f"{len(other)} of {len(results['stages'])} stages were made (or started) by other satori code than "
+             f"this run's ({runner.code}); their settings match, so they were kept. Delete a stage's folder to "
+             f"redo it: {', '.join(other)}")
     return results
 
 

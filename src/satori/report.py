@@ -16,7 +16,7 @@ seed and no ablations)::
      "models": {name: {"label": str, "seeds": {"0": {"test": metrics, "ood": metrics}}}},
      "curves": {run: {"0": [{"step": 1, "reward": ..., "accuracy": ..., "response_length": ...}]}},
      "trajectories": [{"model", "id", "question", "answer", "response", "extracted", "correct"}],
-     "stages": [{"name", "seconds", "skipped"}]}
+     "stages": [{"name", "seconds", "skipped", "other_code"?, "final"?}]}
 
 where ``metrics`` is the output of :func:`satori.evaluate.compute_metrics`.
 
@@ -400,8 +400,10 @@ def stages_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the stages table (with a total row); ``final`` names the model a
     trainer kept when it selects on held-out data."""
     stages = results.get("stages", [])
+    skipped = {(True, False): "yes (cached)", (True, True): "yes (cached, made by other satori code)",
+               (False, False): "no", (False, True): "no (resumed, started by other satori code)"}
     rows = [[str(s.get("name", "")), f"{float(s.get('seconds', 0.0)):.1f}",
-             "yes (cached)" if s.get("skipped") else "no", str(s.get("final", ""))] for s in stages]
+             skipped[bool(s.get("skipped")), bool(s.get("other_code"))], str(s.get("final", ""))] for s in stages]
     if stages:
         rows.append(["total", f"{sum(float(s.get('seconds', 0.0)) for s in stages):.1f}", "", ""])
     return ["stage", "seconds", "skipped", "final model"], rows
@@ -430,6 +432,7 @@ def header_items(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("total time", format_seconds(results.get("seconds"))),
         ("seeds", ", ".join(str(s) for s in seeds) if seeds else "n/a"),
         ("satori version", str(results.get("version", __version__))),
+        ("satori code", str(results.get("code", "n/a"))),
         ("report written", datetime.now().isoformat(timespec="seconds")),
     ]
 

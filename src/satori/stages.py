@@ -10,10 +10,18 @@ result with the same key is a no-op; a folder with a different key is cleared fi
 unfinished folder with the same key is handed back to the stage, whose trainers resume from
 their last checkpoint (so a killed run repeats no finished stage and resumes at the step
 where it stopped).
+
+The key holds the settings, not the code: a run continued after an update keeps its
+stages. ``stage.json`` records a fingerprint of the satori source that made the stage
+(:func:`code_fingerprint`), and a stage reused or resumed from other code is flagged in
+the progress line, in :meth:`Runner.summary` and so in the report. A change that makes a
+stage produce something else from the same settings belongs in that stage's key (as the
+rae stage's ``CUT_RULE``), so that old results are redone rather than reused.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +65,18 @@ def stage_key(name: str, config: Any, deps: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(package: Path | None = None) -> str:
+    """A hash of a package's Python source, satori's by default: each ``.py`` file's path
+    (relative to the package, so a moved checkout keeps it) and bytes."""
+    root = Path(package) if package else Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 #: files up to this size are hashed whole; larger ones (model weights) by size and both ends
 FINGERPRINT_WHOLE = 64 << 20
 FINGERPRINT_ENDS = 1 << 20
@@ -92,6 +112,7 @@ class StageRecord:
     seconds: float
     skipped: bool
     result: Any = None
+    other_code: bool = False  # reused or resumed from a stage made by other satori code
 
 
 @dataclass
@@ -108,6 +129,7 @@ class Runner:
     #: absolute folders whose paths in a stage's config are keyed by a placeholder (:func:`relocatable`);
     #: the run folder itself is always one
     places: dict[str, str] = field(default_factory=dict)
+    code: str = field(default_factory=code_fingerprint)  # recorded in stage.json
 
     def plan(self, name: str, weight: float = 1.0) -> None:
         self.planned.append((name, weight))
@@ -132,32 +154,40 @@ class Runner:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         index = len(self.records) + 1
         total = len(self.planned) or index
+        # a stage.json from before the code was recorded has none: not flagged
+        other_code = bool(meta and meta.get("key") == key and meta.get("code") not in (None, self.code))
+        other = f"; made by other satori code ({meta.get('code')}, now {self.code})" if other_code else ""
         if meta and meta.get("key") == key and meta.get("done"):
             self.keys[name] = key
-            self.records.append(StageRecord(name, key, meta.get("seconds", 0.0), True, meta.get("result")))
-            self.echo(f"[{index}/{total}] {name}: cached ({_fmt(meta.get('seconds', 0.0))} originally)")
+            self.records.append(StageRecord(name, key, meta.get("seconds", 0.0), True, meta.get("result"), other_code))
+            self.echo(f"[{index}/{total}] {name}: cached ({_fmt(meta.get('seconds', 0.0))} originally{other})")
             return meta.get("result")
         if meta and meta.get("key") != key and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         resumed = bool(meta and meta.get("key") == key)
-        write_json(meta_path, {"key": key, "done": False, "name": name})
+        # a resumed stage keeps the code that started it (its checkpoints came from that code)
+        code = meta.get("code") if resumed else self.code
+        write_json(meta_path, {"key": key, "done": False, "name": name, "code": code})
         self.echo(f"[{index}/{total}] {name}: {'resuming' if resumed else 'running'} "
-                  f"(elapsed {_fmt(time.time() - self.started)}, ETA {self._eta()})")
+                  f"(elapsed {_fmt(time.time() - self.started)}, ETA {self._eta()}{other})")
         t0 = time.time()
         result = run_in_child(fn, folder) if self.isolate else fn(folder)
         seconds = round(time.time() - t0, 2)
-        write_json(meta_path, {"key": key, "done": True, "name": name, "seconds": seconds, "result": result})
+        write_json(meta_path, {"key": key, "done": True, "name": name, "code": code, "seconds": seconds,
+                               "result": result})
         self.keys[name] = key
-        self.records.append(StageRecord(name, key, seconds, False, result))
+        self.records.append(StageRecord(name, key, seconds, False, result, other_code))
         self.echo(f"[{index}/{total}] {name}: done in {_fmt(seconds)} (elapsed {_fmt(time.time() - self.started)}, "
                   f"ETA {self._eta()})")
         return result
 
     def summary(self) -> list[dict[str, Any]]:
-        """Each stage's name, time, whether it was cached, and, for a trainer that selects its
-        model on held-out data, which model it kept (its result's ``final``)."""
+        """Each stage's name, time, whether it was cached (and ``other_code`` when it was made or
+        started by other satori code), and, for a trainer that selects its model on held-out
+        data, which model it kept (its result's ``final``)."""
         return [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped,
+                 **({"other_code": True} if r.other_code else {}),
                  **({"final": r.result["final"]} if isinstance(r.result, dict) and "final" in r.result else {})}
                 for r in self.records]
 
