@@ -104,3 +104,24 @@ def test_warnings_show_once_in_a_multi_process_run(monkeypatch, caplog, rank, ve
     messages = [r.getMessage() for r in caplog.records]
     assert ("3 malformed records skipped" in messages) is shown
     assert "out of memory" in messages  # errors from every process
+
+
+def test_run_changes_settings_by_dotted_key(capsys):
+    from pathlib import Path
+
+    from satori.cli import parse_settings
+
+    assert parse_settings(["rl.steps=5", "seeds=[0, 2]", "out=runs/x", "rl.beta=0.5"]) == {
+        "rl.steps": 5, "seeds": [0, 2], "out": "runs/x", "rl.beta": 0.5}
+    quick = str(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
+    code, out, _ = run(capsys, "run", quick, "--set", "train_data.n=7", "--set", "valid_data.n=9", "--dry-run")
+    assert code == 0 and "train_data: testbed:train (7 problems)" in out and "valid_data: testbed:valid (9 problems)" in out
+    code, _, err = run(capsys, "run", quick, "--set", "rl.stepz=5")
+    line = one_line_error(err)
+    assert code == 2 and "unknown config key 'stepz' in section 'rl'" in line and line.endswith("(with --set rl.stepz=5)")
+    code, _, err = run(capsys, "run", quick, "--set", "rl.steps=-1")
+    assert "rl: steps must be > 0, got -1 (with --set rl.steps=-1)" in one_line_error(err)
+    code, _, err = run(capsys, "run", quick, "--set", "rl.steps")
+    assert "--set 'rl.steps': expected KEY=VALUE" in one_line_error(err)
+    code, _, err = run(capsys, "run", quick, "--set", "seeds=[0")
+    assert "--set 'seeds=[0': the value is not YAML" in one_line_error(err)

@@ -82,13 +82,33 @@ def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argpars
     return run
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """``["rl.steps=5", "seeds=[0]"]`` -> ``{"rl.steps": 5, "seeds": [0]}``: dotted keys, YAML values."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SatoriError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set rl.steps=5")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SatoriError(f"--set {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
 def _cmd_run(cfg: Any, args: argparse.Namespace) -> None:
     import shlex
 
     from satori.config import load_config
     from satori.pipeline import PipelineConfig, dry_run, run_pipeline
 
-    pipeline_cfg = load_config(PipelineConfig, args.pipeline_config)
+    overrides = parse_settings(args.settings)
+    try:
+        pipeline_cfg = load_config(PipelineConfig, args.pipeline_config, overrides)
+    except SatoriError as e:
+        raise SatoriError(f"{e} (with --set {' '.join(args.settings)})" if args.settings else str(e)) from None
     if cfg.out:
         pipeline_cfg.out = cfg.out
     if cfg.dry_run:
@@ -120,6 +140,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any, argparse.Namespace], Non
 
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("pipeline_config", metavar="CONFIG", help="pipeline YAML (e.g. configs/quick.yaml)")
+        p.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
+                       help="change one setting of CONFIG, by dotted key with a YAML value (repeatable): "
+                            "--set seeds=[0] --set rl.steps=5")
 
     return {
         "run": (RunConfig, _cmd_run, "run the whole pipeline from a YAML config and write the report", run_args),
