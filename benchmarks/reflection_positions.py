@@ -6,6 +6,10 @@ and counts the answers that reflect, those whose first reflection comes after th
 a final answer (a ``\\boxed{}`` in an earlier step: the model checks a finished solution, as a
 restart state cut back 0 steps asks it to) and how many of those end right, and those with two
 reflections in a row (which the demonstrations never contain, and which RAE's old cut made).
+Then, apart for a first reflection mid-solution and one after a final answer, the answers that
+went wrong -> right (F→T) and right -> wrong (T→F) across it, as `satori eval` grades them
+(``pre_reflect_correct``: the answer before the reflection, or the step checker's verdict on
+the line before it).
 
     .venv/bin/python benchmarks/reflection_positions.py runs/full sft_coat rl_round1 --seeds 0,1,2
 """
@@ -31,7 +35,8 @@ def positions(response: str) -> dict[str, bool]:
 
 def count(path: Path) -> dict[str, int]:
     """The counts over every sampled answer of one evaluation file."""
-    n = {"answers": 0, "reflects": 0, "after_answer": 0, "after_answer_right": 0, "twice_in_a_row": 0}
+    n = {"answers": 0, "reflects": 0, "after_answer": 0, "after_answer_right": 0, "twice_in_a_row": 0,
+         "mid F→T": 0, "mid T→F": 0, "after_answer F→T": 0, "after_answer T→F": 0}
     for record in read_jsonl(path):
         for sample in record.get("samples", []):
             p = positions(sample["text"])
@@ -39,6 +44,9 @@ def count(path: Path) -> dict[str, int]:
             for key in ("reflects", "after_answer", "twice_in_a_row"):
                 n[key] += p[key]
             n["after_answer_right"] += p["after_answer"] and bool(sample["correct"])
+            before, after = sample.get("pre_reflect_correct"), bool(sample["correct"])
+            if before is not None and before != after:
+                n[f"{'after_answer' if p['after_answer'] else 'mid'} {'F→T' if after else 'T→F'}"] += 1
     return n
 
 
@@ -49,7 +57,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     print("| model | seed | sampled answers | reflect | first reflect after a final answer | of those right "
-          "| two reflections in a row |\n|---|---|---|---|---|---|---|")
+          "| two reflections in a row | F→T / T→F, first reflection mid-solution | F→T / T→F, after a final answer |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         for seed in args.seeds.split(","):
             path = args.run / f"eval_{model}-s{seed}" / "test_samples.jsonl"
@@ -59,7 +68,8 @@ def main() -> None:
             if not n["answers"]:
                 sys.exit(f"{path}: no sampled answers (the evaluation ran with k = 0)")
             print(f"| {model} | {seed} | {n['answers']:,} | {n['reflects']:,} | {n['after_answer']:,} "
-                  f"| {n['after_answer_right']:,} | {n['twice_in_a_row']:,} |")
+                  f"| {n['after_answer_right']:,} | {n['twice_in_a_row']:,} | {n['mid F→T']:,} / {n['mid T→F']:,} "
+                  f"| {n['after_answer F→T']:,} / {n['after_answer T→F']:,} |")
 
 
 if __name__ == "__main__":
