@@ -84,6 +84,16 @@ def test_isolated_stage_errors_keep_their_type_and_message(tmp_path):
     def bug(folder):
         return 1 / 0
 
+    def dies(signum):
+        def fn(folder):
+            import os
+            import signal
+
+            if signum != signal.SIGKILL:  # SIGKILL cannot be caught at all
+                signal.signal(signum, signal.SIG_DFL)  # as before a trainer installs its handler
+            os.kill(os.getpid(), signum)
+        return fn
+
     r = Runner(tmp_path, echo=lambda s: None, isolate=True)
     with pytest.raises(SatoriError, match="line 3: missing field 'question'"):
         r.run("a", {}, [], user_error)
@@ -92,8 +102,18 @@ def test_isolated_stage_errors_keep_their_type_and_message(tmp_path):
     assert info.value.signum == 15
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         r.run("c", {}, [], bug)
+    # a signal that kills the stage's process: a stop if it was a stop request, else named, with the OOM hint for SIGKILL
+    import signal
+
+    with pytest.raises(Stopped, match="stage d: stopped by SIGTERM before it could write a checkpoint") as info:
+        r.run("d", {}, [], dies(signal.SIGTERM))
+    assert info.value.signum == signal.SIGTERM
+    with pytest.raises(RuntimeError, match=r"stage e: its process was killed by SIGKILL without a result; out of memory"):
+        r.run("e", {}, [], dies(signal.SIGKILL))
+    with pytest.raises(RuntimeError, match=r"stage f: its process was killed by SIGSEGV without a result$"):
+        r.run("f", {}, [], dies(signal.SIGSEGV))
     # none of them was recorded as done
-    assert not any(rec.name in "abc" for rec in r.records)
+    assert not any(rec.name in "abcdef" for rec in r.records)
 
 
 def test_sigterm_to_the_pipeline_reaches_the_stage_once(tmp_path):

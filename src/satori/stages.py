@@ -246,8 +246,13 @@ def run_in_child(fn: Callable[[Path], Any], folder: Path) -> Any:
             signal.signal(sig, handler)
         recv.close()
     if msg is None:
-        raise RuntimeError(f"stage {folder.name}: its process died without a result "
-                           f"(exit code {proc.exitcode}; out of memory?)")
+        code = proc.exitcode or 0
+        if -code in (signal.SIGTERM, signal.SIGINT):  # before the stage could catch it (e.g. while loading)
+            raise Stopped(f"stage {folder.name}: stopped by {signal.Signals(-code).name} before it could "
+                          "write a checkpoint; run again to resume", signum=-code)
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        hint = "; out of memory? (dmesg shows the kernel's OOM kills)" if code == -signal.SIGKILL else ""
+        raise RuntimeError(f"stage {folder.name}: its process {how} without a result{hint}")
     if msg[0] == "ok":
         return msg[1]
     if msg[0] == "stopped":
