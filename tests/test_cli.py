@@ -111,8 +111,13 @@ def test_run_changes_settings_by_dotted_key(capsys):
 
     from satori.cli import parse_settings
 
+    from satori.pipeline import PipelineConfig
+
     assert parse_settings(["rl.steps=5", "seeds=[0, 2]", "out=runs/x", "rl.beta=0.5"]) == {
         "rl.steps": 5, "seeds": [0, 2], "out": "runs/x", "rl.beta": 0.5}
+    # a text setting keeps the value as written, where YAML would read a number
+    assert parse_settings(["out=007", "name=0.10", "rl.steps=5", "train_data.path=testbed:train"], PipelineConfig) == {
+        "out": "007", "name": "0.10", "rl.steps": 5, "train_data.path": "testbed:train"}
     quick = str(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
     code, out, _ = run(capsys, "run", quick, "--set", "train_data.n=7", "--set", "valid_data.n=9", "--dry-run")
     assert code == 0 and "train_data: testbed:train (7 problems)" in out and "valid_data: testbed:valid (9 problems)" in out

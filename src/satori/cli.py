@@ -82,17 +82,34 @@ def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argpars
     return run
 
 
-def parse_settings(settings: list[str]) -> dict[str, Any]:
-    """``["rl.steps=5", "seeds=[0]"]`` -> ``{"rl.steps": 5, "seeds": [0]}``: dotted keys, YAML values."""
+def _setting_type(cls: Any, key: str) -> Any:
+    """The declared type of a dotted setting of a config dataclass (None if there is no such field)."""
+    import typing
+
+    for name in key.split("."):
+        hints = typing.get_type_hints(cls) if isinstance(cls, type) else {}
+        if name not in hints:
+            return None
+        cls = hints[name]
+    return cls
+
+
+def parse_settings(settings: list[str], cls: Any = None) -> dict[str, Any]:
+    """``["rl.steps=5", "seeds=[0]"]`` -> ``{"rl.steps": 5, "seeds": [0]}``: dotted keys, YAML values,
+    except that a text setting of ``cls`` takes the value as written (``out=007`` stays ``"007"``)."""
     import yaml
 
     out: dict[str, Any] = {}
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise SatoriError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set rl.steps=5")
+        if cls is not None and _setting_type(cls, key) is str:
+            out[key] = value
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise SatoriError(f"--set {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
@@ -104,7 +121,7 @@ def _cmd_run(cfg: Any, args: argparse.Namespace) -> None:
     from satori.config import load_config
     from satori.pipeline import PipelineConfig, dry_run, run_pipeline
 
-    overrides = parse_settings(args.settings)
+    overrides = parse_settings(args.settings, PipelineConfig)
     try:
         pipeline_cfg = load_config(PipelineConfig, args.pipeline_config, overrides)
     except SatoriError as e:
