@@ -109,8 +109,7 @@ def test_warnings_show_once_in_a_multi_process_run(monkeypatch, caplog, rank, ve
 def test_run_changes_settings_by_dotted_key(capsys):
     from pathlib import Path
 
-    from satori.cli import parse_settings
-
+    from satori.config import parse_settings
     from satori.pipeline import PipelineConfig
 
     assert parse_settings(["rl.steps=5", "seeds=[0, 2]", "out=runs/x", "rl.beta=0.5"]) == {

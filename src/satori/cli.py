@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from satori.config import add_config_arguments, check, config_from_args
+from satori.config import add_config_arguments, check, config_from_args, parse_settings
 from satori.errors import SatoriError, Stopped
 
 
@@ -80,39 +80,6 @@ def _print_result(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, argpars
         if _is_main_process():  # one summary, not one per process
             print(json.dumps(result, indent=2, default=str))
     return run
-
-
-def _setting_type(cls: Any, key: str) -> Any:
-    """The declared type of a dotted setting of a config dataclass (None if there is no such field)."""
-    import typing
-
-    for name in key.split("."):
-        hints = typing.get_type_hints(cls) if isinstance(cls, type) else {}
-        if name not in hints:
-            return None
-        cls = hints[name]
-    return cls
-
-
-def parse_settings(settings: list[str], cls: Any = None) -> dict[str, Any]:
-    """``["rl.steps=5", "seeds=[0]"]`` -> ``{"rl.steps": 5, "seeds": [0]}``: dotted keys, YAML values,
-    except that a text setting of ``cls`` takes the value as written (``out=007`` stays ``"007"``)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SatoriError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set rl.steps=5")
-        if cls is not None and _setting_type(cls, key) is str:
-            out[key] = value
-            continue
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise SatoriError(f"--set {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
-    return out
 
 
 def _cmd_run(cfg: Any, args: argparse.Namespace) -> None:

@@ -188,6 +188,27 @@ def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[st
     return out
 
 
+def parse_settings(settings: list[str], cls: type | None = None) -> dict[str, Any]:
+    """``["rl.steps=5", "seeds=[0]"]`` -> ``{"rl.steps": 5, "seeds": [0]}`` (``--set KEY=VALUE``): dotted keys,
+    YAML values, except that a text setting of ``cls`` takes the value as written (``out=007`` stays
+    ``"007"``, where YAML would read the number 7)."""
+    text = {".".join(path) for path, tp, _ in _leaf_fields(cls) if tp is str} if cls is not None else set()
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SatoriError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set rl.steps=5")
+        if key in text:
+            out[key] = value
+            continue
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SatoriError(f"--set {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
 def flag_name(path: tuple[str, ...]) -> str:
     return "--" + ".".join(p.replace("_", "-") for p in path)
 
