@@ -70,7 +70,10 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     # ... and every stage was made by other satori code (an update): kept, and flagged
     assert first["code"] == code_fingerprint() and not any("other_code" in s for s in first["stages"])
     for meta in (tmp_path / "run-b").glob("*/stage.json"):
-        meta.write_text(meta.read_text().replace(f'"code": "{first["code"]}"', '"code": "0ld"'))
+        record = json.loads(meta.read_text())
+        assert "stages.py" in record["modules"]  # every stage's process loaded it
+        record["sources"]["stages.py"] = "0ld"
+        meta.write_text(json.dumps(record))
     cfg = load_config(PipelineConfig, overrides={**TOY, "base_model": str(other), "out": str(tmp_path / "run-b")})
     again = run_pipeline(cfg, echo=lines.append)
     assert [s["name"] for s in again["stages"]] == stages

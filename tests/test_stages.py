@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from satori.stages import Runner
@@ -190,37 +191,86 @@ def test_relocatable_writes_paths_under_known_folders_as_placeholders():
 
 
 def test_a_stage_made_by_other_code_is_kept_and_flagged(tmp_path):
+    from satori.stages import source_hashes
+
     calls, lines = [], []
 
     def fn(folder):
         calls.append(folder.name)
         return {"ok": folder.name}
 
-    Runner(tmp_path, echo=lines.append, code="aaa").run("a", {"x": 1}, [], fn)
-    assert json.loads((tmp_path / "a" / "stage.json").read_text())["code"] == "aaa"
-    # the same code: cached, not flagged
-    same = Runner(tmp_path, echo=lines.append, code="aaa")
-    same.run("a", {"x": 1}, [], fn)
-    assert "other satori code" not in lines[-1] and "other_code" not in same.summary()[0]
-    # other code, same settings: kept (not run again), and flagged in the line and the summary
-    other = Runner(tmp_path, echo=lines.append, code="bbb")
-    assert other.run("a", {"x": 1}, [], fn) == {"ok": "a"} and calls == ["a"]
-    assert "cached" in lines[-1] and "made by other satori code (aaa, now bbb)" in lines[-1]
-    assert other.summary()[0]["other_code"] is True
-    # an unfinished stage resumed by other code is flagged and keeps the code that started it
+    # "zz_unused.py": a source file no stage loads
+    then = {**source_hashes(), "zz_unused.py": "1"}
+    Runner(tmp_path, echo=lines.append, sources=then).run("a", {"x": 1}, [], fn)
     meta = tmp_path / "a" / "stage.json"
-    meta.write_text(meta.read_text().replace('"done": true', '"done": false'))
-    resumed = Runner(tmp_path, echo=lines.append, code="ccc")
-    resumed.run("a", {"x": 1}, [], fn)
-    assert calls == ["a", "a"] and "resuming" in lines[-2] and "(aaa, now ccc)" in lines[-2]
-    assert json.loads(meta.read_text())["code"] == "aaa" and resumed.summary()[0]["other_code"] is True
-    # a stage.json written before the code was recorded is not flagged
     record = json.loads(meta.read_text())
-    del record["code"]
-    meta.write_text(json.dumps(record))
-    old = Runner(tmp_path, echo=lines.append, code="ddd")
-    old.run("a", {"x": 1}, [], fn)
-    assert calls == ["a", "a"] and "other satori code" not in lines[-1] and "other_code" not in old.summary()[0]
+    assert record["sources"] == then and "stages.py" in record["modules"] and "zz_unused.py" not in record["modules"]
+
+    def again(sources, name="a"):
+        runner = Runner(tmp_path, echo=lines.append, sources=sources)
+        assert runner.run(name, {"x": 1}, [], fn) == {"ok": name}
+        return runner.summary()[0].get("other_code", False)
+
+    # the same code, or a change to a file the stage did not load: cached, not flagged
+    assert not again(then) and not again({**then, "zz_unused.py": "2"}) and calls == ["a"]
+    assert "cached" in lines[-1] and "other satori code" not in lines[-1]
+    # a file it loaded changed (or is gone): kept (not run again), and flagged, naming the file
+    assert again({**then, "stages.py": "2"}) and calls == ["a"]
+    assert "cached" in lines[-1] and "made by other satori code: stages.py changed since" in lines[-1]
+    assert again({k: v for k, v in then.items() if k != "stages.py"}) and calls == ["a"]
+    # an unfinished stage resumed after any change is flagged and keeps the sources that started it
+    meta.write_text(meta.read_text().replace('"done": true', '"done": false'))
+    assert again({**then, "zz_unused.py": "3"}) and calls == ["a", "a"]
+    assert "resuming" in lines[-2] and "zz_unused.py changed since" in lines[-2]
+    assert json.loads(meta.read_text())["sources"] == then
+    # a stage.json from before the files were recorded: the package's fingerprint decides, if there is one
+    record = json.loads(meta.read_text())
+    del record["sources"], record["modules"]
+    for code, flagged in (("aaa", False), ("bbb", True), (None, False)):
+        if code is None:
+            del record["code"]
+        else:
+            record["code"] = code
+        meta.write_text(json.dumps(record))
+        runner = Runner(tmp_path, echo=lines.append, code="aaa")
+        runner.run("a", {"x": 1}, [], fn)
+        assert ("(bbb, now aaa)" in lines[-1]) is flagged and runner.summary()[0].get("other_code", False) is flagged
+    assert calls == ["a", "a"]
+
+
+def test_loaded_sources_are_the_package_files_this_process_imported(tmp_path, monkeypatch):
+    import importlib
+
+    from satori.stages import loaded_sources, source_hashes
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "used.py", "unused.py", "sub/__init__.py", "sub/deep.py"):
+        (package / name).write_text(f"NAME = {name!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("pkg.used")
+    importlib.import_module("pkg.sub.deep")
+    try:
+        assert loaded_sources(package) == ["__init__.py", "sub/__init__.py", "sub/deep.py", "used.py"]
+        assert sorted(source_hashes(package)) == ["__init__.py", "sub/__init__.py", "sub/deep.py", "unused.py",
+                                                  "used.py"]
+    finally:
+        for name in ("pkg", "pkg.used", "pkg.sub", "pkg.sub.deep"):
+            sys.modules.pop(name, None)
+
+    # a stage run in its own process records what *that* process loaded
+    from satori import stages
+
+    monkeypatch.setattr(stages, "_package_root", lambda: package)
+
+    def fn(folder):
+        importlib.import_module("pkg.unused")
+        return 1
+
+    Runner(tmp_path / "run", echo=lambda line: None, isolate=True, sources=source_hashes(package)).run("a", {}, [], fn)
+    record = json.loads((tmp_path / "run" / "a" / "stage.json").read_text())
+    assert record["result"] == 1 and record["modules"] == ["__init__.py", "unused.py"]
+    assert "pkg.unused" not in sys.modules  # imported in the stage's process only
 
 
 def test_code_fingerprint_follows_the_source_not_its_location(tmp_path):

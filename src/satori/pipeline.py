@@ -336,7 +336,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "", echo: Callable[[str], N
     other = [r["name"] for r in results["stages"] if r.get("other_code")]
     if other:
         echo(f"{len(other)} of {len(results['stages'])} stages were made (or started) by other satori code than "
-             f"this run's ({runner.code}); their settings match, so they were kept. Delete a stage's folder to "
+             f"this run's ({runner.code}: a source file they loaded has changed since); their settings match, "
+             f"so they were kept. Delete a stage's folder to "
              f"redo it: {', '.join(other)}")
     return results
 

@@ -12,9 +12,11 @@ their last checkpoint (so a killed run repeats no finished stage and resumes at 
 where it stopped).
 
 The key holds the settings, not the code: a run continued after an update keeps its
-stages. ``stage.json`` records a fingerprint of the satori source that made the stage
-(:func:`code_fingerprint`), and a stage reused or resumed from other code is flagged in
-the progress line, in :meth:`Runner.summary` and so in the report. A change that makes a
+stages. ``stage.json`` records a hash of each of satori's source files when the stage
+started (:func:`source_hashes`) and, once it is done, which of them its process had loaded
+(:func:`loaded_sources`); a stage reused or resumed after one of *those* files changed is
+flagged, naming the files, in the progress line, in :meth:`Runner.summary` and so in the
+report (an edit to the report code does not flag a training stage). A change that makes a
 stage produce something else from the same settings belongs in that stage's key (as the
 rae stage's ``CUT_RULE``), so that old results are redone rather than reused.
 """
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -77,6 +80,40 @@ def code_fingerprint(package: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
+def _package_root() -> Path:
+    return Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=None)
+def source_hashes(package: Path | None = None) -> dict[str, str]:
+    """``{relative path: hash}`` of each ``.py`` file of a package (satori's by default)."""
+    root = Path(package) if package else _package_root()
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            for path in sorted(root.rglob("*.py"))}
+
+
+def loaded_sources(package: Path | None = None) -> list[str]:
+    """The package's source files (relative paths, as :func:`source_hashes` names them) among the
+    modules this process has imported: what a stage run in it could have used."""
+    root = Path(package) if package else _package_root()
+    out = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py"):
+            path = Path(file).resolve()
+            if path.is_relative_to(root):
+                out.add(path.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def changed_sources(meta: dict[str, Any], now: dict[str, str]) -> list[str]:
+    """The source files a stage's process loaded (all of them while it is unfinished) whose hash
+    in ``stage.json`` (``meta["sources"]``) differs from ``now``; a file gone counts as changed."""
+    then = meta.get("sources") or {}
+    used = meta["modules"] if meta.get("done") and "modules" in meta else sorted(then)
+    return [m for m in used if then.get(m) != now.get(m)]
+
+
 #: files up to this size are hashed whole; larger ones (model weights) by size and both ends
 FINGERPRINT_WHOLE = 64 << 20
 FINGERPRINT_ENDS = 1 << 20
@@ -112,7 +149,7 @@ class StageRecord:
     seconds: float
     skipped: bool
     result: Any = None
-    other_code: bool = False  # reused or resumed from a stage made by other satori code
+    other_code: bool = False  # reused or resumed from a stage made by other satori code (a file it used changed)
 
 
 @dataclass
@@ -129,7 +166,8 @@ class Runner:
     #: absolute folders whose paths in a stage's config are keyed by a placeholder (:func:`relocatable`);
     #: the run folder itself is always one
     places: dict[str, str] = field(default_factory=dict)
-    code: str = field(default_factory=code_fingerprint)  # recorded in stage.json
+    code: str = field(default_factory=code_fingerprint)  # the whole package's, for the report
+    sources: dict[str, str] = field(default_factory=source_hashes)  # each file's, recorded in stage.json
 
     def plan(self, name: str, weight: float = 1.0) -> None:
         self.planned.append((name, weight))
@@ -154,9 +192,8 @@ class Runner:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         index = len(self.records) + 1
         total = len(self.planned) or index
-        # a stage.json from before the code was recorded has none: not flagged
-        other_code = bool(meta and meta.get("key") == key and meta.get("code") not in (None, self.code))
-        other = f"; made by other satori code ({meta.get('code')}, now {self.code})" if other_code else ""
+        other = self._other_code(meta) if meta and meta.get("key") == key else ""
+        other_code = bool(other)
         if meta and meta.get("key") == key and meta.get("done"):
             self.keys[name] = key
             self.records.append(StageRecord(name, key, meta.get("seconds", 0.0), True, meta.get("result"), other_code))
@@ -167,20 +204,35 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         resumed = bool(meta and meta.get("key") == key)
         # a resumed stage keeps the code that started it (its checkpoints came from that code)
-        code = meta.get("code") if resumed else self.code
-        write_json(meta_path, {"key": key, "done": False, "name": name, "code": code})
+        code = {k: meta[k] for k in ("code", "sources") if k in meta} if resumed and meta else {
+            "code": self.code, "sources": self.sources}
+        write_json(meta_path, {"key": key, "done": False, "name": name, **code})
         self.echo(f"[{index}/{total}] {name}: {'resuming' if resumed else 'running'} "
                   f"(elapsed {_fmt(time.time() - self.started)}, ETA {self._eta()}{other})")
         t0 = time.time()
-        result = run_in_child(fn, folder) if self.isolate else fn(folder)
+        done = run_in_child(_with_sources(fn), folder) if self.isolate else _with_sources(fn)(folder)
+        result = done["result"]
         seconds = round(time.time() - t0, 2)
-        write_json(meta_path, {"key": key, "done": True, "name": name, "code": code, "seconds": seconds,
-                               "result": result})
+        write_json(meta_path, {"key": key, "done": True, "name": name, **code, "modules": done["modules"],
+                               "seconds": seconds, "result": result})
         self.keys[name] = key
         self.records.append(StageRecord(name, key, seconds, False, result, other_code))
         self.echo(f"[{index}/{total}] {name}: done in {_fmt(seconds)} (elapsed {_fmt(time.time() - self.started)}, "
                   f"ETA {self._eta()})")
         return result
+
+    def _other_code(self, meta: dict[str, Any]) -> str:
+        """``"; made by other satori code (...)"`` when a file the stage used has changed since, else ``""``."""
+        if "sources" in meta:
+            changed = changed_sources(meta, self.sources)
+            if not changed:
+                return ""
+            named = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            return f"; made by other satori code: {named} changed since"
+        # a stage.json from before the files were recorded: the package's fingerprint, if any
+        if meta.get("code") not in (None, self.code):
+            return f"; made by other satori code ({meta.get('code')}, now {self.code})"
+        return ""
 
     def summary(self) -> list[dict[str, Any]]:
         """Each stage's name, time, whether it was cached (and ``other_code`` when it was made or
@@ -190,6 +242,15 @@ class Runner:
                  **({"other_code": True} if r.other_code else {}),
                  **({"final": r.result["final"]} if isinstance(r.result, dict) and "final" in r.result else {})}
                 for r in self.records]
+
+
+def _with_sources(fn: Callable[[Path], Any]) -> Callable[[Path], dict[str, Any]]:
+    """``fn`` returning ``{"result": fn(folder), "modules": the source files its process loaded}``
+    (run where the stage runs: in the child process when stages are isolated)."""
+    def run(folder: Path) -> dict[str, Any]:
+        result = fn(folder)
+        return {"result": result, "modules": loaded_sources()}
+    return run
 
 
 def run_in_child(fn: Callable[[Path], Any], folder: Path) -> Any:
