@@ -60,6 +60,15 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_coat):
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # a checkpoint's policy is a model folder of its own (tokenizer included): evaluated like any model
+    from satori.evaluate import EvalConfig, run_eval
+    from satori.train.common import latest_checkpoint
+
+    policy = latest_checkpoint(tmp_path / "full") / "policy"
+    cfg = EvalConfig(model=str(policy), out=str(tmp_path / "eval-checkpoint"))
+    cfg.data.path, cfg.data.n, cfg.gen.max_new_tokens = "testbed:test", 2, 8
+    assert run_eval(cfg)["n"] == 2
+    assert load_file(str(policy / "model.safetensors")).keys() == a.keys()
 
 
 def test_critic_warmup_freezes_the_policy_and_trains_the_critic(tmp_path, tiny_coat):

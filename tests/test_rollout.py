@@ -175,3 +175,18 @@ def test_a_sample_records_which_of_several_end_tokens_stopped_it(tiny_coat):
     assert s.scored_ids(tok.eos_token_id) == ids[:k + 1]
     [cut] = generate(model, tok, prompts[i:i + 1], max_new_tokens=k, temperature=1.0, seed=3, prompt_offset=i)
     assert cut.truncated and cut.stop_id is None and cut.scored_ids(tok.eos_token_id) == ids[:k]
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_by_name(tmp_path, tiny_coat):
+    import shutil
+
+    import pytest
+
+    from satori.errors import SatoriError
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_coat / name, weights_only / name)
+    with pytest.raises(SatoriError, match=f"{weights_only}: no tokenizer files"):
+        load_tokenizer(weights_only)

@@ -64,6 +64,10 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     p = _check_model_path(path)
+    if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                 "vocab.json", "vocab.txt")):
+        raise SatoriError(f"{p}: no tokenizer files (tokenizer.json / tokenizer_config.json) beside the weights; "
+                          "copy them from the model it was trained from")
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if tok.pad_token is None:
         if tok.eos_token is None:

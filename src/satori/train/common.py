@@ -160,7 +160,8 @@ def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimize
     """Write ``out/checkpoints/step-N`` atomically (temporary folder, then rename).
 
     ``models`` maps names to (unwrapped) modules saved with ``save_pretrained`` when they
-    have it; ``optimizers`` maps names to objects with ``state_dict`` (optimizers,
+    have it, each with ``tokenizer`` beside it, so ``step-N/policy`` is a model folder that
+    ``satori eval`` and the other commands read; ``optimizers`` maps names to objects with ``state_dict`` (optimizers,
     schedulers); ``state`` is the loop's own JSON state. Older checkpoints beyond ``keep``
     are removed only after the new one is in place. A write that fails (full disk, quota,
     I/O error) removes its temporary folder and raises ``SatoriError`` naming the previous
@@ -179,10 +180,10 @@ def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimize
         for name, model in models.items():
             if getattr(model, "save_pretrained", None) is not None:
                 model.save_pretrained(tmp / name, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
             else:
                 torch.save(model.state_dict(), tmp / f"{name}.pt")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
         torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optim.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         write_json(tmp / "state.json", {"step": step, **state})  # written last: marks completeness

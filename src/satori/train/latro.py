@@ -384,7 +384,7 @@ def run_latro(cfg: LatroConfig) -> dict[str, Any]:
         if acc.is_main_process:
             save_checkpoint(out, step, {"model": acc.unwrap_model(model)},
                             {"optimizer": optimizer, "scheduler": scheduler},
-                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)})
+                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)}, tokenizer=tokenizer)
         acc.wait_for_everyone()
 
     if valid and start == 0:

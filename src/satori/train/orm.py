@@ -468,7 +468,7 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
         if acc.is_main_process:
             save_checkpoint(out, step, {"model": acc.unwrap_model(model)},
                             {"optimizer": optimizer, "scheduler": scheduler},
-                            {"bad_steps": bad_steps, "best": best, "config": to_dict(cfg)})
+                            {"bad_steps": bad_steps, "best": best, "config": to_dict(cfg)}, tokenizer=tokenizer)
         acc.wait_for_everyone()
 
     # 4. the loop

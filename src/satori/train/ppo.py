@@ -412,7 +412,7 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             if critic is not None:
                 unwrapped["critic"] = acc.unwrap_model(critic)
             save_checkpoint(out, step, unwrapped, optims,
-                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)})
+                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)}, tokenizer=tokenizer)
         acc.wait_for_everyone()
 
     def select(done: int) -> dict[str, float]:

@@ -304,7 +304,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         if acc.is_main_process:
             save_checkpoint(out, step, {"model": acc.unwrap_model(model)},
                             {"optimizer": optimizer, "scheduler": scheduler},
-                            {"bad_steps": bad_steps, "config": to_dict(cfg)})
+                            {"bad_steps": bad_steps, "config": to_dict(cfg)}, tokenizer=tokenizer)
         acc.wait_for_everyone()
 
     with StopSignal() as stop:
