@@ -78,7 +78,7 @@ def test_the_whole_pipeline_runs_and_a_moved_run_keeps_its_cache(tmp_path):
     again = run_pipeline(cfg, echo=lines.append)
     assert [s["name"] for s in again["stages"]] == stages
     assert all(s["skipped"] for s in again["stages"]), [s["name"] for s in again["stages"] if not s["skipped"]]
-    assert all(s.get("other_code") for s in again["stages"])
+    assert all(s.get("other_code") == ["stages.py"] for s in again["stages"])
     assert f"{len(stages)} of {len(stages)} stages were made (or started) by other satori code" in lines[-1]
     assert again["models"]["rl_round1"] == first["models"]["rl_round1"]
 

@@ -98,9 +98,14 @@ def test_stages_table_names_the_model_a_trainer_kept(results):
     assert header[-1] == "final model"
     assert rows == [["pretrain", "1.2", "yes (cached)", ""],
                     ["ppo_round1", "300.5", "no", "best held-out model (step 10)"], ["total", "301.7", "", ""]]
-    results["stages"][0]["other_code"] = results["stages"][1]["other_code"] = True
+    results["stages"][0]["other_code"] = results["stages"][1]["other_code"] = True  # recorded before the files were
     assert [row[2] for row in stages_rows(results)[1]] == [
         "yes (cached, made by other satori code)", "no (resumed, started by other satori code)", ""]
+    results["stages"][0]["other_code"] = ["rae.py", "train/ppo.py", "train/sft.py", "utils.py"]
+    results["stages"][1]["other_code"] = ["train/ppo.py"]
+    assert [row[2] for row in stages_rows(results)[1]] == [
+        "yes (cached, made by other satori code: rae.py, train/ppo.py, train/sft.py and 1 more changed since)",
+        "no (resumed, started by other satori code: train/ppo.py changed since)", ""]
 
 
 def by_name(claims: list[dict]) -> dict[str, dict]:

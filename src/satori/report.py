@@ -39,7 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from satori import __version__, coat
-from satori.utils import atomic_write_text, write_json
+from satori.utils import atomic_write_text, name_files, write_json
 
 # (claim name, model A, model B, split, metric path, rule) for "A beats B"-style claims.
 # rule ">" means mean(A) > mean(B) over seeds; ">=" means mean(A) >= mean(B).
@@ -400,10 +400,16 @@ def stages_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the stages table (with a total row); ``final`` names the model a
     trainer kept when it selects on held-out data."""
     stages = results.get("stages", [])
-    skipped = {(True, False): "yes (cached)", (True, True): "yes (cached, made by other satori code)",
-               (False, False): "no", (False, True): "no (resumed, started by other satori code)"}
-    rows = [[str(s.get("name", "")), f"{float(s.get('seconds', 0.0)):.1f}",
-             skipped[bool(s.get("skipped")), bool(s.get("other_code"))], str(s.get("final", ""))] for s in stages]
+    def skipped(s: dict[str, Any]) -> str:
+        other = s.get("other_code")  # the files that changed since the stage was made, or True
+        if not other:
+            return "yes (cached)" if s.get("skipped") else "no"
+        files = f": {name_files(other)} changed since" if isinstance(other, list) else ""
+        return (f"yes (cached, made by other satori code{files})" if s.get("skipped")
+                else f"no (resumed, started by other satori code{files})")
+
+    rows = [[str(s.get("name", "")), f"{float(s.get('seconds', 0.0)):.1f}", skipped(s), str(s.get("final", ""))]
+            for s in stages]
     if stages:
         rows.append(["total", f"{sum(float(s.get('seconds', 0.0)) for s in stages):.1f}", "", ""])
     return ["stage", "seconds", "skipped", "final model"], rows

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from satori import __version__
 from satori.errors import SatoriError, Stopped
-from satori.utils import write_json
+from satori.utils import name_files, write_json
 
 
 def relocatable(config: Any, places: dict[str, str]) -> Any:
@@ -149,7 +149,9 @@ class StageRecord:
     seconds: float
     skipped: bool
     result: Any = None
-    other_code: bool = False  # reused or resumed from a stage made by other satori code (a file it used changed)
+    #: reused or resumed from a stage made by other satori code: the files it used that changed since (True for
+    #: a stage recorded before the files were, whose package fingerprint differs)
+    other_code: list[str] | bool = False
 
 
 @dataclass
@@ -192,8 +194,8 @@ class Runner:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         index = len(self.records) + 1
         total = len(self.planned) or index
-        other = self._other_code(meta) if meta and meta.get("key") == key else ""
-        other_code = bool(other)
+        other_code = self._other_code(meta) if meta and meta.get("key") == key else False
+        other = _describe_other_code(other_code, meta, self.code)
         if meta and meta.get("key") == key and meta.get("done"):
             self.keys[name] = key
             self.records.append(StageRecord(name, key, meta.get("seconds", 0.0), True, meta.get("result"), other_code))
@@ -221,27 +223,29 @@ class Runner:
                   f"ETA {self._eta()})")
         return result
 
-    def _other_code(self, meta: dict[str, Any]) -> str:
-        """``"; made by other satori code (...)"`` when a file the stage used has changed since, else ``""``."""
+    def _other_code(self, meta: dict[str, Any]) -> list[str] | bool:
+        """The files the stage used that changed since it was made (or started); ``False`` if none.
+        A stage.json from before the files were recorded: ``True`` if the package's fingerprint differs."""
         if "sources" in meta:
-            changed = changed_sources(meta, self.sources)
-            if not changed:
-                return ""
-            named = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-            return f"; made by other satori code: {named} changed since"
-        # a stage.json from before the files were recorded: the package's fingerprint, if any
-        if meta.get("code") not in (None, self.code):
-            return f"; made by other satori code ({meta.get('code')}, now {self.code})"
-        return ""
+            return changed_sources(meta, self.sources) or False
+        return meta.get("code") not in (None, self.code)
 
     def summary(self) -> list[dict[str, Any]]:
         """Each stage's name, time, whether it was cached (and ``other_code`` when it was made or
         started by other satori code), and, for a trainer that selects its model on held-out
         data, which model it kept (its result's ``final``)."""
         return [{"name": r.name, "seconds": r.seconds, "skipped": r.skipped,
-                 **({"other_code": True} if r.other_code else {}),
+                 **({"other_code": r.other_code} if r.other_code else {}),
                  **({"final": r.result["final"]} if isinstance(r.result, dict) and "final" in r.result else {})}
                 for r in self.records]
+
+
+def _describe_other_code(other_code: list[str] | bool, meta: dict[str, Any] | None, now: str) -> str:
+    if not other_code:
+        return ""
+    if other_code is True:
+        return f"; made by other satori code ({(meta or {}).get('code')}, now {now})"
+    return f"; made by other satori code: {name_files(other_code)} changed since"
 
 
 def _with_sources(fn: Callable[[Path], Any]) -> Callable[[Path], dict[str, Any]]:

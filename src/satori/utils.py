@@ -66,3 +66,8 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def name_files(files: list[str], most: int = 3) -> str:
+    """``a.py, b.py, c.py and 2 more``: a list of names short enough for one line."""
+    return ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
