@@ -275,7 +275,7 @@ def test_loaded_sources_are_the_package_files_this_process_imported(tmp_path, mo
 
 def test_code_fingerprint_follows_the_source_not_its_location(tmp_path):
     from satori import stages
-    from satori.stages import code_fingerprint
+    from satori.stages import code_fingerprint, source_hashes
 
     package = Path(stages.__file__).parent
     first, moved = tmp_path / "one" / "satori", tmp_path / "two" / "satori"
@@ -284,8 +284,9 @@ def test_code_fingerprint_follows_the_source_not_its_location(tmp_path):
     assert code_fingerprint(first) == code_fingerprint(moved) == code_fingerprint(package)
     (moved / "assets").mkdir()  # data files are not code
     (moved / "assets" / "x.json").write_text("{}")
+    source_hashes.cache_clear()
     assert code_fingerprint(moved) == code_fingerprint(first)
     rae = moved / "rae.py"
     rae.write_text(rae.read_text().replace("line steps", "all steps"))
-    code_fingerprint.cache_clear()  # a process computes it once
+    source_hashes.cache_clear()  # a process reads the sources once
     assert code_fingerprint(moved) != code_fingerprint(first)

@@ -68,28 +68,26 @@ def stage_key(name: str, config: Any, deps: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(package: Path | None = None) -> str:
-    """A hash of a package's Python source, satori's by default: each ``.py`` file's path
-    (relative to the package, so a moved checkout keeps it) and bytes."""
-    root = Path(package) if package else Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def _package_root() -> Path:
     return Path(__file__).resolve().parent
 
 
 @functools.lru_cache(maxsize=None)
 def source_hashes(package: Path | None = None) -> dict[str, str]:
-    """``{relative path: hash}`` of each ``.py`` file of a package (satori's by default)."""
+    """``{relative path: hash}`` of each ``.py`` file of a package (satori's by default); read once
+    per process."""
     root = Path(package) if package else _package_root()
     return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()[:12]
             for path in sorted(root.rglob("*.py"))}
+
+
+def code_fingerprint(package: Path | None = None) -> str:
+    """A hash of a package's Python source, satori's by default: each ``.py`` file's path (relative
+    to the package, so a moved checkout keeps it) and content, from :func:`source_hashes`."""
+    digest = hashlib.sha256()
+    for path, content in source_hashes(package).items():
+        digest.update(f"{path}\0{content}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def loaded_sources(package: Path | None = None) -> list[str]:
