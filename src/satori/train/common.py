@@ -161,8 +161,8 @@ def save_checkpoint(out: str | Path, step: int, models: dict[str, Any], optimize
 
     ``models`` maps names to (unwrapped) modules saved with ``save_pretrained`` when they
     have it, each with ``tokenizer`` beside it, so ``step-N/policy`` is a model folder that
-    ``satori eval`` and the other commands read; ``optimizers`` maps names to objects with ``state_dict`` (optimizers,
-    schedulers); ``state`` is the loop's own JSON state. Older checkpoints beyond ``keep``
+    ``satori eval`` and the other commands read; ``optimizers`` maps names to objects with
+    ``state_dict`` (optimizers, schedulers); ``state`` is the loop's own JSON state. Older checkpoints beyond ``keep``
     are removed only after the new one is in place. A write that fails (full disk, quota,
     I/O error) removes its temporary folder and raises ``SatoriError`` naming the previous
     checkpoint, which is untouched; temporary folders of killed writers are cleaned up.
