@@ -21,6 +21,7 @@ from satori.testbed.checker import (
     correct_step_text,
     first_wrong_prefix,
     parse_equation,
+    new_step_outcomes,
     reflection_points,
     verify_step,
 )
@@ -296,6 +297,24 @@ def test_reflection_points_pair_each_step_with_the_reflection_after_it():
     # plain CoT: no reflection anywhere; an extra step past the last operation is a wrong line
     assert reflection_points(HAND, solution(RIGHT + ["Step 5: 6 + 1 = 7"])) == [(True, False)] * 4 + [(False, False)]
     assert reflection_points(HAND, "no equations at all") == []
+
+
+def test_new_step_outcomes_judge_each_new_step_of_a_right_line_with_where_it_starts():
+    # step 1 right, a check, step 2 slips (wrong arithmetic), step 3 goes on from the wrong line,
+    # a check finds step 2, its redo is not a new step, then step 3 again and step 4, both right
+    check = "<|reflect|>Let me verify step 1: 7 + 5 = 12. Right.<|continue|>"
+    text = (RIGHT[0] + check + "Step 2: 12 - 3 = 8<|continue|>Step 3: 8 * 2 = 16"
+            "<|reflect|>Step 2 is wrong.<|explore|>Step 2: 12 - 3 = 9<|continue|>" + "<|continue|>".join(RIGHT[2:]))
+    outcomes = new_step_outcomes(HAND, text)
+    assert [(after, why) for _, after, why in outcomes] == [
+        (False, ""), (True, "wrong arithmetic"), (True, ""), (True, "")]
+    starts = [at for at, _, _ in outcomes]
+    assert [text[at:at + 7] for at in starts] == ["Step 1:", "Step 2:", "Step 3:", "Step 4:"]
+    assert starts[1] == len(RIGHT[0] + check) and starts[2] == text.index(RIGHT[2])
+    # plain text: a step is placed after its blank line; a wrong operand, then nothing more is new
+    plain = solution([RIGHT[0], "Step 2: 12 - 4 = 8", *RIGHT[2:]])
+    assert new_step_outcomes(HAND, plain) == [(0, False, ""), (len(RIGHT[0]) + 2, False, "wrong operand, expected 3")]
+    assert new_step_outcomes(HAND, "  \n\nno equations") == []
 
 
 def test_first_wrong_prefix_finds_where_the_line_first_goes_wrong():

@@ -91,17 +91,21 @@ def split_steps(text: str) -> list[tuple[str, str]]:
     ``action`` is ``"continue"``, ``"reflect"`` or ``"explore"`` for a step that follows that
     token, ``""`` for the first step and steps that follow a blank line.
     """
-    steps: list[tuple[str, str]] = []
+    return [(action, chunk) for action, chunk, _ in _split(text)]
+
+
+def _split(text: str) -> list[tuple[str, str, int]]:
+    """:func:`split_steps` with where each step starts in ``text`` (its first non-blank character)."""
+    steps: list[tuple[str, str, int]] = []
     action, pos = "", 0
-    for m in _SPLIT.finditer(text):
-        chunk = text[pos : m.start()]
+    for m in [*_SPLIT.finditer(text), None]:
+        end = len(text) if m is None else m.start()
+        chunk = text[pos:end]
         if chunk.strip():
-            steps.append((action, chunk.strip()))
-        action = m.group(1)[2:-2] if m.group(1) else ""
-        pos = m.end()
-    chunk = text[pos:]
-    if chunk.strip():
-        steps.append((action, chunk.strip()))
+            steps.append((action, chunk.strip(), pos + len(chunk) - len(chunk.lstrip())))
+        if m is not None:
+            action = m.group(1)[2:-2] if m.group(1) else ""
+            pos = m.end()
     return steps
 
 
@@ -224,6 +228,27 @@ def reflection_points(problem: Problem, text: str) -> list[tuple[bool, bool]]:
     steps = split_steps(text)
     return [(_first_wrong(line, values, ops) is None, i + 1 < len(steps) and steps[i + 1][0] == "reflect")
             for i, line in _line_states(steps)]
+
+
+def new_step_outcomes(problem: Problem, text: str) -> list[tuple[int, bool, str]]:
+    """Each step that adds the next step to a right line of reasoning (not a redone step, not
+    a step after the line went wrong), as ``(where it starts in text, whether a <|reflect|>
+    came earlier in the text, "" if the step is right else why it is wrong)``.
+
+    The slip rate of such steps by position, with and without a check before them, tells
+    whether a check costs the steps after it anything beyond the length it adds
+    (``benchmarks/slips_by_position.py``)."""
+    values, ops, _ = _expected(problem)
+    steps = _split(text)
+    out: list[tuple[int, bool, str]] = []
+    prev_len, prev_right = 0, True
+    for i, line in _line_states([(action, chunk) for action, chunk, _ in steps]):
+        wrong = _first_wrong(line, values, ops)
+        if prev_right and len(line) == prev_len + 1 and steps[i][0] != "explore":
+            reflected = any(action == "reflect" for action, _, _ in steps[:i])
+            out.append((steps[i][2], reflected, "" if wrong is None else wrong[1]))
+        prev_len, prev_right = len(line), wrong is None
+    return out
 
 
 def first_wrong_prefix(problem: Problem, prefixes: Sequence[str]) -> int | None:
