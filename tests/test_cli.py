@@ -82,6 +82,8 @@ def test_testbed_probe(tmp_path, capsys, tiny_base):
     assert code == 0 and result["n"] == 6 and checks["wrong"]["n"] + checks["right"]["n"] == 6
     # an untrained model neither solves a problem nor repairs a wrong step
     assert result["accuracy"] == 0 and checks["wrong"]["repaired"] == 0
+    after = result["after_checks"]  # problems with more than the 2 given steps: levels 3-6 of 2, 3, 4, 5, 6, 2
+    assert after["n"] == 4 and after["finished_right_after_0_checks"] == after["finished_right_after_2_checks"] == 0
     code, _, err = run(capsys, "testbed", "probe", "--model", str(tmp_path / "none"))
     assert code == 2 and "model:" in err and "none" in err and len(err.strip().splitlines()) == 1
 

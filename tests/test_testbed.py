@@ -30,6 +30,7 @@ from satori.testbed.pretrain import (
     CHECK_CUE,
     PretrainConfig,
     checked_line,
+    checked_prompt,
     checking_text,
     lr_at,
     make_batch,
@@ -442,6 +443,47 @@ def test_checking_exercise_checks_mid_solution_and_goes_on_right():
             assert f"step {cut}" in verdict.lower()
         kinds.add(("wrong" if wrong else "right", cut < n))
     assert kinds == {("wrong", True), ("wrong", False), ("right", True), ("right", False)}
+
+
+def test_checking_exercise_prior_checks_check_earlier_right_steps_in_the_prompt():
+    problems = make_problems("train", 200, seed=3)
+    plain = [checking_text(p, random.Random(p.id)) for p in problems]
+    # 0 draws nothing more: the exercises are the ones without the option
+    assert [checking_text(p, random.Random(p.id), 0.0) for p in problems] == plain
+    n_checks = []
+    for problem, (prompt0, response0) in zip(problems, plain):
+        prompt, response = checking_text(problem, random.Random(problem.id), 1.0)
+        assert response == response0  # the same exercise, answered the same way
+        line = prompt[len(plain_prompt(problem.question)) : -len(CHECK_CUE)]
+        cut = len(prompt0[len(plain_prompt(problem.question)) : -len(CHECK_CUE)].split("\n\n"))
+        chunks = line.split("\n\n")
+        checks = [c for c in chunks if c.startswith(CHECK_CUE.strip())]
+        # with chance 1 every step before the cut is checked, right after it, and found right
+        assert len(checks) == cut - 1
+        for k, c in enumerate(checks, start=1):
+            assert chunks[chunks.index(c) - 1].startswith(f"Step {k}:")
+            assert f"step {k}" in c.lower() and "wrong" not in c and "mistake" not in c
+        # the line the checks leave is the exercise's own
+        assert check_steps(problem, line).found == check_steps(problem, prompt0[len(plain_prompt(problem.question)):]).found
+        n_checks.append(len(checks))
+    assert max(n_checks) >= 3
+
+
+def test_checked_prompt_puts_right_checks_between_right_steps():
+    for problem in [p for p in make_problems("valid", 20, seed=2) if p.meta["level"] > 2]:
+        plain = checked_prompt(problem, 2, 0, seed=0)
+        assert plain == plain_prompt(problem.question) + "\n\n".join(problem.solution.split("\n\n")[:2]) + "\n\n"
+        for c in (1, 2):
+            prompt = checked_prompt(problem, 2, c, seed=0)
+            body = prompt[len(plain_prompt(problem.question)):]
+            assert body.count(CHECK_CUE) == c and prompt.endswith("\n\n")
+            assert all(f"step {k}" in chunk.lower() and "wrong" not in chunk
+                       for k, chunk in enumerate(body.split(CHECK_CUE)[1:], start=1))
+            # the checks leave the line as it was: with the next step written, three right steps
+            step3 = problem.solution.split("\n\n")[2]
+            verdict = check_steps(problem, body + step3)
+            assert verdict.found == check_steps(problem, plain[len(plain_prompt(problem.question)):] + step3).found
+            assert verdict.n_steps == 3 and verdict.first_wrong_step in (None, 4)  # nothing wrong so far
 
 
 def test_checked_line_judges_a_check_by_what_follows_it():

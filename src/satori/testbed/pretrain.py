@@ -55,6 +55,9 @@ class PretrainConfig:
     n_valid: int = 256
     error_rate: float = 0.1
     check_fraction: float = 0.4  # share of examples that are checking exercises
+    # chance that each step before a checking exercise's cut was checked too (in the prompt): the
+    # rest of the solution then comes later in the response, where the base is weakest
+    prior_checks: float = 0.0
     model_size: str = "small"
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
@@ -82,7 +85,7 @@ class PretrainConfig:
         for name in ("n_train", "warmup_steps", "weight_decay", "num_threads"):
             if getattr(self, name) < 0:
                 raise SatoriError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("error_rate", "min_lr_ratio", "check_fraction"):
+        for name in ("error_rate", "min_lr_ratio", "check_fraction", "prior_checks"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SatoriError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -98,7 +101,7 @@ def training_text(problem: Problem, solution: str) -> tuple[str, str]:
 CHECK_CUE = "\n\nCheck:\n"
 
 
-def checking_text(problem: Problem, rng: random.Random) -> tuple[str, str]:
+def checking_text(problem: Problem, rng: random.Random, prior_checks: float = 0.0) -> tuple[str, str]:
     """``(prompt, response)`` of a checking exercise, a solution checked as it is written.
 
     The prompt is a solution of ``problem`` (with wrong steps half the time) cut after one of
@@ -107,7 +110,8 @@ def checking_text(problem: Problem, rng: random.Random) -> tuple[str, str]:
     (:func:`satori.synth.agents.step_check`: the step redone from the question, then the
     verdict), the corrected step if it was wrong, and then the rest of the solution, done
     right. So the base model has read checks made in the middle of a solution that change
-    how it goes on, as a real base model has.
+    how it goes on, as a real base model has. With ``prior_checks`` each (right) step before
+    the cut has that chance of a check of its own in the prompt, so the response comes later.
     """
     from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
 
@@ -122,8 +126,14 @@ def checking_text(problem: Problem, rng: random.Random) -> tuple[str, str]:
         check = f"{feedback.reflect} {feedback.explore}"
     else:
         check = agents.step_check(problem, cut, parse_equation(texts[cut - 1]).text, False, key)
+    line = list(texts[:cut])
+    if prior_checks > 0:
+        for k in range(1, cut):
+            if rng.random() < prior_checks:
+                line[k - 1] += CHECK_CUE + agents.step_check(problem, k, parse_equation(texts[k - 1]).text, False,
+                                                             f"{key}/{k}")
     response = "\n\n".join([check, *right[cut:]])
-    return plain_prompt(problem.question) + "\n\n".join(texts[:cut]) + CHECK_CUE, response
+    return plain_prompt(problem.question) + "\n\n".join(line) + CHECK_CUE, response
 
 
 def encode_examples(
@@ -308,10 +318,46 @@ def check_probe(
     }
 
 
+def checked_prompt(problem: Problem, m: int, c: int, seed: int) -> str:
+    """The prompt of :func:`after_checks_probe`: ``problem``'s first ``m`` steps done right, the
+    first ``c`` of them each followed by the check cue and the critic's check finding it right."""
+    from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
+
+    steps = [text for _, text in split_steps(reference_solution(problem))][:m]
+    for k in range(1, c + 1):
+        steps[k - 1] += CHECK_CUE + agents.step_check(problem, k, parse_equation(steps[k - 1]).text, False,
+                                                      f"{seed}/after-checks/{problem.id}/{k}")
+    return plain_prompt(problem.question) + "\n\n".join(steps) + "\n\n"
+
+
+def after_checks_probe(
+    model, tokenizer, problems: list[Problem], seed: int, max_new_tokens: int, batch_size: int = 128,
+    m: int = 2, checks: tuple[int, ...] = (0, 1, 2),
+) -> dict[str, Any]:
+    """What a check costs the steps after it: the model is given the first ``m`` steps of a
+    problem done right, with ``c`` of them checked and found right (:func:`checked_prompt`), and
+    goes on greedily; the share of problems it finishes with every step right, per ``c`` in
+    ``checks``, over the problems with more than ``m`` steps. The checks change nothing in the
+    line, only how far back the question is; a model that reads them as a real base model would
+    finishes as often after two as after none."""
+    cases = [p for p in problems if int(p.meta["level"]) > m]
+    out: dict[str, Any] = {"n": len(cases), "steps_given": m}
+    for c in checks:
+        prompts = [checked_prompt(p, m, c, seed) for p in cases]
+        responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        right = 0
+        for p, prompt, response in zip(cases, prompts, responses):
+            verdict = check_steps(p, prompt[len(plain_prompt(p.question)):] + response)
+            right += verdict.first_wrong_step is None and verdict.final_correct
+        out[f"finished_right_after_{c}_checks"] = right / max(1, len(cases))
+    return out
+
+
 @dataclass
 class ProbeConfig:
     """``satori testbed probe``: what a testbed model does on held-out problems, measured the
-    way :func:`pretrain` records it (greedy accuracy and :func:`check_probe`)."""
+    way :func:`pretrain` records it (greedy accuracy and :func:`check_probe`), and what a check
+    costs the steps after it (:func:`after_checks_probe`)."""
 
     model: str = ""  # a model folder; empty: the shipped base model
     n: int = 256  # valid problems
@@ -328,7 +374,8 @@ class ProbeConfig:
 
 
 def probe(cfg: ProbeConfig) -> dict[str, Any]:
-    """Greedy accuracy and the check probe of ``cfg.model`` on ``cfg.n`` valid problems."""
+    """Greedy accuracy, the check probe and the after-checks probe of ``cfg.model`` on ``cfg.n``
+    valid problems."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from satori.testbed import BASE_MODEL_DIR
@@ -340,6 +387,8 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
     valid = make_problems("valid", cfg.n, seed=cfg.seed)
     result = greedy_accuracy(model, tokenizer, valid, cfg.max_new_tokens, cfg.batch_size)
     result["checks"] = check_probe(model, tokenizer, valid, cfg.seed, cfg.max_new_tokens, cfg.batch_size)
+    result["after_checks"] = after_checks_probe(model, tokenizer, valid, cfg.seed, cfg.max_new_tokens,
+                                                cfg.batch_size)
     return {"model": path, **result}
 
 
@@ -393,7 +442,7 @@ def pretrain(
     def epoch_examples(epoch: int) -> list[tuple[list[int], int]]:
         erng = random.Random(f"{cfg.seed}/epoch/{epoch}")
         pairs = [
-            checking_text(p, erng) if erng.random() < cfg.check_fraction
+            checking_text(p, erng, cfg.prior_checks) if erng.random() < cfg.check_fraction
             else training_text(p, reference_solution(p, cfg.error_rate, erng))
             for p in train
         ]
@@ -458,6 +507,9 @@ def pretrain(
     )
     # room for a check and then the rest of a solution
     evaluation["checks"] = check_probe(
+        model, tokenizer, valid, cfg.seed, 2 * cfg.max_new_tokens, cfg.eval_batch_size
+    )
+    evaluation["after_checks"] = after_checks_probe(
         model, tokenizer, valid, cfg.seed, 2 * cfg.max_new_tokens, cfg.eval_batch_size
     )
     t_eval = time.perf_counter() - t0
