@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -101,6 +101,18 @@ def training_text(problem: Problem, solution: str) -> tuple[str, str]:
 CHECK_CUE = "\n\nCheck:\n"
 
 
+def with_right_checks(problem: Problem, steps: Sequence[str], checked: Iterable[int], key: str) -> list[str]:
+    """``steps`` (plain solution steps, right ones) with step ``k`` followed by the check cue and
+    the critic's check finding it right, for each ``k`` (1-based) in ``checked``; the wording is
+    chosen from ``key``."""
+    from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
+
+    out = list(steps)
+    for k in checked:
+        out[k - 1] += CHECK_CUE + agents.step_check(problem, k, parse_equation(steps[k - 1]).text, False, f"{key}/{k}")
+    return out
+
+
 def checking_text(problem: Problem, rng: random.Random, prior_checks: float = 0.0) -> tuple[str, str]:
     """``(prompt, response)`` of a checking exercise, a solution checked as it is written.
 
@@ -126,12 +138,8 @@ def checking_text(problem: Problem, rng: random.Random, prior_checks: float = 0.
         check = f"{feedback.reflect} {feedback.explore}"
     else:
         check = agents.step_check(problem, cut, parse_equation(texts[cut - 1]).text, False, key)
-    line = list(texts[:cut])
-    if prior_checks > 0:
-        for k in range(1, cut):
-            if rng.random() < prior_checks:
-                line[k - 1] += CHECK_CUE + agents.step_check(problem, k, parse_equation(texts[k - 1]).text, False,
-                                                             f"{key}/{k}")
+    checked = [k for k in range(1, cut) if rng.random() < prior_checks] if prior_checks > 0 else []
+    line = with_right_checks(problem, texts[:cut], checked, key)
     response = "\n\n".join([check, *right[cut:]])
     return plain_prompt(problem.question) + "\n\n".join(line) + CHECK_CUE, response
 
@@ -321,12 +329,8 @@ def check_probe(
 def checked_prompt(problem: Problem, m: int, c: int, seed: int) -> str:
     """The prompt of :func:`after_checks_probe`: ``problem``'s first ``m`` steps done right, the
     first ``c`` of them each followed by the check cue and the critic's check finding it right."""
-    from satori.synth import agents  # the critic lives with stage 1, which builds on the testbed
-
     steps = [text for _, text in split_steps(reference_solution(problem))][:m]
-    for k in range(1, c + 1):
-        steps[k - 1] += CHECK_CUE + agents.step_check(problem, k, parse_equation(steps[k - 1]).text, False,
-                                                      f"{seed}/after-checks/{problem.id}/{k}")
+    steps = with_right_checks(problem, steps, range(1, c + 1), f"{seed}/after-checks/{problem.id}")
     return plain_prompt(problem.question) + "\n\n".join(steps) + "\n\n"
 
 
