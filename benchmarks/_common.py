@@ -37,6 +37,22 @@ def base_parser(description: str, out_default: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_models_parser(description: str) -> argparse.ArgumentParser:
+    """A parser for the diagnostics that read a finished ``satori run``: RUN, then stage names."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("run", type=Path, help="a finished `satori run` folder")
+    p.add_argument("models", nargs="+", help="stage names: sft_coat, rl_round1, ...")
+    return p
+
+
+def test_samples(run: Path, model: str, seed: str | int) -> Path:
+    """``RUN/eval_MODEL-sSEED/test_samples.jsonl``; exits with a message naming it when it is missing."""
+    path = Path(run) / f"eval_{model}-s{seed}" / "test_samples.jsonl"
+    if not path.is_file():
+        sys.exit(f"{path}: no such evaluation (is the run finished, and the stage name right?)")
+    return path
+
+
 def int_list(text: str) -> list[int]:
     """``"16,64,256"`` -> ``[16, 64, 256]`` (for argparse ``type=``)."""
     return [int(x) for x in text.replace(" ", "").split(",") if x]

@@ -16,10 +16,10 @@ the line before it).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from _common import run_models_parser, test_samples
 from satori.coat import final_answer_step, parse_steps
 from satori.data import read_jsonl
 
@@ -51,9 +51,7 @@ def count(path: Path) -> dict[str, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a finished `satori run` folder")
-    ap.add_argument("models", nargs="+", help="stage names: sft_coat, rl_round1, ...")
+    ap = run_models_parser(__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     print("| model | seed | sampled answers | reflect | first reflect after a final answer | of those right "
@@ -61,9 +59,7 @@ def main() -> None:
           "\n|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         for seed in args.seeds.split(","):
-            path = args.run / f"eval_{model}-s{seed}" / "test_samples.jsonl"
-            if not path.is_file():
-                sys.exit(f"{path}: no such evaluation (is the run finished, and the stage name right?)")
+            path = test_samples(args.run, model, seed)
             n = count(path)
             if not n["answers"]:
                 sys.exit(f"{path}: no sampled answers (the evaluation ran with k = 0)")

@@ -17,11 +17,11 @@ operand not the question's next one, or an extra step past its last (the model l
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
 
+from _common import run_models_parser, test_samples
 from satori.data import read_jsonl
 from satori.testbed import make_problems
 from satori.testbed.checker import new_step_outcomes
@@ -63,9 +63,7 @@ def pct(num: int, den: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a finished `satori run` folder")
-    ap.add_argument("models", nargs="+", help="stage names: sft_coat, rl_round1, ...")
+    ap = run_models_parser(__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bucket", type=int, default=150, help="characters of response per position bucket")
     ap.add_argument("--greedy", action="store_true", help="the greedy answers instead of the sampled ones")
@@ -76,10 +74,7 @@ def main() -> None:
     for model in args.models:
         total: Counter = Counter()
         for seed in args.seeds.split(","):
-            path = args.run / f"eval_{model}-s{seed}" / "test_samples.jsonl"
-            if not path.is_file():
-                sys.exit(f"{path}: no such evaluation (is the run finished, and the stage name right?)")
-            total += count(path, args.bucket, args.greedy)
+            total += count(test_samples(args.run, model, seed), args.bucket, args.greedy)
         if not any(key[-1] == "n" for key in total):
             sys.exit(f"{model}: no answers to count (evaluated with k = 0? try --greedy)")
         for b in range(1 + max(key[0] for key in total)):
