@@ -53,6 +53,18 @@ def test_samples(run: Path, model: str, seed: str | int) -> Path:
     return path
 
 
+def test_problems(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The testbed problems (with their ground truth) an evaluation file's records are about, by
+    id: the pipeline's test split is ``make_problems("test", n, seed)`` with ids ``...-sSEED-I``."""
+    from satori.testbed import make_problems
+
+    seeds = {r["id"].rsplit("-", 2)[1] for r in records}
+    if len(seeds) != 1 or not all(r["id"].startswith("testbed-test-s") for r in records):
+        sys.exit("not the testbed's test split (ids testbed-test-sSEED-I)")
+    n = 1 + max(int(r["id"].rsplit("-", 1)[1]) for r in records)
+    return {p.id: p for p in make_problems("test", n, seed=int(seeds.pop()[1:]))}
+
+
 def int_list(text: str) -> list[int]:
     """``"16,64,256"`` -> ``[16, 64, 256]`` (for argparse ``type=``)."""
     return [int(x) for x in text.replace(" ", "").split(",") if x]

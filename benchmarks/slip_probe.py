@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from _common import run_models_parser, test_samples
+from _common import run_models_parser, test_problems, test_samples
 from satori.coat import CONTINUE, EXPLORE, REFLECT
 from satori.data import build_prompt, read_jsonl
 from satori.rollout import load_model, load_tokenizer
 from satori.testbed.checker import new_step_outcomes
 from satori.utils import set_threads
-from slips_by_position import test_problems  # the test split's problems, by id
 
 
 @torch.no_grad()

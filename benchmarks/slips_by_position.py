@@ -21,22 +21,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from _common import run_models_parser, test_samples
+from _common import run_models_parser, test_problems, test_samples
 from satori.data import read_jsonl
-from satori.testbed import make_problems
 from satori.testbed.checker import new_step_outcomes
 
 REASONS = ("wrong arithmetic", "wrong operation", "wrong operand", "wrong previous value", "extra step")
-
-
-def test_problems(records: list[dict]) -> dict[str, object]:
-    """The testbed problems (with their ground truth) an evaluation file's records are about, by
-    id: the pipeline's test split is ``make_problems("test", n, seed)`` with ids ``...-sSEED-I``."""
-    seeds = {r["id"].rsplit("-", 2)[1] for r in records}
-    if len(seeds) != 1 or not all(r["id"].startswith("testbed-test-s") for r in records):
-        sys.exit("not the testbed's test split (ids testbed-test-sSEED-I)")
-    n = 1 + max(int(r["id"].rsplit("-", 1)[1]) for r in records)
-    return {p.id: p for p in make_problems("test", n, seed=int(seeds.pop()[1:]))}
 
 
 def count(path: Path, bucket: int, greedy: bool) -> Counter:

@@ -20,8 +20,8 @@ from satori.testbed.checker import (
     check_steps,
     correct_step_text,
     first_wrong_prefix,
-    parse_equation,
     new_step_outcomes,
+    parse_equation,
     reflection_points,
     verify_step,
 )

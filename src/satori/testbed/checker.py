@@ -240,13 +240,13 @@ def new_step_outcomes(problem: Problem, text: str) -> list[tuple[int, bool, str]
     (``benchmarks/slips_by_position.py``)."""
     values, ops, _ = _expected(problem)
     steps = _split(text)
+    first_reflect = next((i for i, (action, _, _) in enumerate(steps) if action == "reflect"), len(steps))
     out: list[tuple[int, bool, str]] = []
     prev_len, prev_right = 0, True
     for i, line in _line_states([(action, chunk) for action, chunk, _ in steps]):
         wrong = _first_wrong(line, values, ops)
         if prev_right and len(line) == prev_len + 1 and steps[i][0] != "explore":
-            reflected = any(action == "reflect" for action, _, _ in steps[:i])
-            out.append((steps[i][2], reflected, "" if wrong is None else wrong[1]))
+            out.append((steps[i][2], first_reflect < i, "" if wrong is None else wrong[1]))
         prev_len, prev_right = len(line), wrong is None
     return out
 
