@@ -10,6 +10,7 @@ from conftest import model_weights, same_weights
 from safetensors.torch import load_file
 
 from satori.config import from_dict
+from satori.data import DataConfig
 from satori.errors import SatoriError
 from satori.train.ppo import RLConfig, run_rl
 
@@ -315,9 +316,40 @@ def test_improves_keeps_the_earlier_model_on_ties():
     assert not improves(0.49, {"step": 5, "valid_acc": 0.5})
 
 
+def test_paired_z_by_hand():
+    from satori.train.select import paired_z
+
+    # problems 1 and 2 only the first solves, problem 4 only the second: (2 - 1) / sqrt(3)
+    assert paired_z([1, 1, 1, 0, 1], [0, 0, 1, 1, 1]) == pytest.approx(1 / 3 ** 0.5)
+    assert paired_z([0, 0, 1, 1, 1], [1, 1, 1, 0, 1]) == pytest.approx(-1 / 3 ** 0.5)
+    assert paired_z([1, 0, 1], [1, 0, 1]) == 0.0  # the same problems: no evidence either way
+    assert paired_z([1] * 9 + [0], [0] * 10) == pytest.approx(3.0)
+    with pytest.raises(SatoriError, match="3 results against 2"):
+        paired_z([1, 0, 1], [1, 0])
+
+
+def test_keeps_last_unless_the_best_beats_it_by_the_paired_z(tmp_path):
+    from satori.train.select import BestModel
+
+    def chooser(best_solved, last_solved, z):
+        best = {"step": 5, "valid_acc": sum(best_solved) / 10, "solved": best_solved}
+        last = {"step": 15, "valid_acc": sum(last_solved) / 10, "solved": last_solved}
+        return BestModel(None, None, [], DataConfig(path="testbed:valid"), tmp_path, max_new_tokens=8, batch_size=1,
+                         seed=0, bf16=False, state=best, last=last, keep_last_z=z)
+
+    close = chooser([1] * 9 + [0], [1] * 8 + [0, 1], 2.0)  # best 0.9, last 0.8: 2 against 1, z 0.58
+    assert close.keeps_last()
+    assert close.summary()["final"].startswith("last model (step 15)")
+    assert not chooser([1] * 9 + [0], [1] * 8 + [0, 1], 0.0).keeps_last()  # z 0: the best, always
+    assert not chooser([1] * 9 + [0], [0] * 10, 2.0).keeps_last()  # 9 against 0, z 3: a real drop
+    same_step = chooser([1] * 10, [1] * 10, 2.0)
+    same_step.last["step"] = 5
+    assert not same_step.keeps_last()  # the best is the last: install it
+
+
 def test_selection_keeps_the_starting_policy_when_every_step_is_worse(tmp_path, shipped_coat):
     # lr 1e-2 wrecks the policy in one step: held-out accuracy 0.875 at the start, then 0
-    res = run_rl(_selection_cfg(tmp_path, shipped_coat, "sel", actor_lr=1e-2))
+    res = run_rl(_selection_cfg(tmp_path, shipped_coat, "sel", actor_lr=1e-2, keep_last_z=2.0))
     rows = metrics(tmp_path / "sel")
     acc = {r["step"]: r["valid_acc"] for r in rows if "valid_acc" in r}
     assert list(acc) == [0, 1, 2] and acc[0] > 0.5 > max(acc[1], acc[2]), acc
@@ -325,6 +357,8 @@ def test_selection_keeps_the_starting_policy_when_every_step_is_worse(tmp_path, 
     assert same_weights(model_weights(tmp_path / "sel"), model_weights(shipped_coat))
     info = json.loads((tmp_path / "sel" / "rl_result.json").read_text())
     assert info["last_step"]["final"] == "best held-out model (step 0)"
+    # with keep_last_z 2 too: the drop is far beyond it (14 or so of 16 problems lost, none won)
+    assert res["last_step"] == 2 and res["paired_z"] > 3
     # selection only reads the policy: the same run without it trains identically, and its
     # final policy is the wrecked last one
     run_rl(_selection_cfg(tmp_path, shipped_coat, "last", actor_lr=1e-2, eval_every=0))

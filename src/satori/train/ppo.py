@@ -36,7 +36,8 @@ One loop, top to bottom, each step:
    held-out problems (``valid_data``, never the test split) before the first step, every
    ``eval_every`` steps and after the last; the best of these policies (ties: the earlier,
    so the starting policy when no step beat it) is the final policy written to ``out``
-   (:class:`satori.train.select.BestModel`); the critic in ``out/critic`` is the last
+   (:class:`satori.train.select.BestModel`), or with ``keep_last_z`` the last policy unless
+   the best beats it on the same problems by that paired z; the critic in ``out/critic`` is the last
    step's. A few PPO steps on a small model can lower its accuracy in one seed and raise it
    in another (full preset at 76bd913, round 1, greedy pass@1 on 2,000 validation problems,
    format-tuned / step 15: seed 0 89.3 / 91.6, seed 2 90.2 / 87.3), and the reward curve does
@@ -132,6 +133,9 @@ class RLConfig:
     eval_every: int = field(default=0, metadata={
         "help": "greedy pass@1 on valid_data before the first step, every N steps and after the last; the best "
                 "policy (ties: the earlier) is the final one (0: never; the last policy is the final one)"})
+    keep_last_z: float = field(default=0.0, metadata={
+        "help": "with eval_every: the last policy stays the final one unless the best held-out one beats it on "
+                "the same problems by at least this paired z (0: the best is always the final one)"})
     valid_data: DataConfig = field(default_factory=lambda: DataConfig(path="testbed:valid", n=200),
                                    metadata={"help": "held-out problems for eval_every (never the test split)"})
     eval_max_new_tokens: int = 256
@@ -165,7 +169,8 @@ class RLConfig:
         check(self.critic_warmup < self.steps, f"critic_warmup ({self.critic_warmup}) must be < steps ({self.steps})")
         check(self.critic_warmup == 0 or self.advantage == "gae",
               f"critic_warmup needs advantage=gae (a critic to warm up), got advantage={self.advantage}")
-        for name in ("warmup_steps", "critic_warmup", "value_clip", "entropy_coef", "max_bad_steps", "eval_every"):
+        for name in ("warmup_steps", "critic_warmup", "value_clip", "entropy_coef", "max_bad_steps", "eval_every",
+                     "keep_last_z"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.eval_max_new_tokens > 0, f"eval_max_new_tokens must be > 0, got {self.eval_max_new_tokens}")
         check(not self.eval_every or self.valid_data.path != "testbed:test", "valid_data is used for model "
@@ -386,10 +391,12 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
 
     start, bad_steps = 0, 0
     best_state: dict[str, Any] = {}
+    last_state: dict[str, Any] = {}
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, models, optims)
         start, bad_steps, best_state = state["step"], state.get("bad_steps", 0), state.get("best", {})
+        last_state = state.get("last", {})
     valid = load_problems(cfg.valid_data) if cfg.eval_every else []
     if cfg.eval_every and not valid:
         raise SatoriError(f"valid_data {cfg.valid_data.path}: no problems")
@@ -403,7 +410,8 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     t0 = time.time()
     result: dict[str, Any] = {}
     best = BestModel(acc, tokenizer, valid, cfg.valid_data, out, max_new_tokens=cfg.eval_max_new_tokens,
-                     batch_size=cfg.gen_batch_size, seed=cfg.seed, bf16=cfg.bf16, state=best_state)
+                     batch_size=cfg.gen_batch_size, seed=cfg.seed, bf16=cfg.bf16, state=best_state, last=last_state,
+                     keep_last_z=cfg.keep_last_z)
 
     def checkpoint(step: int) -> None:
         acc.wait_for_everyone()
@@ -412,7 +420,8 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             if critic is not None:
                 unwrapped["critic"] = acc.unwrap_model(critic)
             save_checkpoint(out, step, unwrapped, optims,
-                            {"bad_steps": bad_steps, "best": best.best, "config": to_dict(cfg)}, tokenizer=tokenizer)
+                            {"bad_steps": bad_steps, "best": best.best, "last": best.last, "config": to_dict(cfg)},
+                            tokenizer=tokenizer)
         acc.wait_for_everyone()
 
     def select(done: int) -> dict[str, float]:
@@ -539,12 +548,11 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
             end_of_step(done, cfg.steps, cfg.save_every, stop, checkpoint, log, out)
     log.close()
     acc.wait_for_everyone()
-    if best.best:  # the best held-out policy is the final one
+    if best.best and not best.keeps_last():  # the best held-out policy is the final one
         best.install()
-        result = {**result, **best.summary()}
     else:
         save_final_model(acc, policy, out, tokenizer)
-        result = {**result, "final": f"last step ({cfg.steps})"}
+    result = {**result, **(best.summary() if best.best else {"final": f"last step ({cfg.steps})"})}
     if critic is not None:
         save_final_model(acc, critic, out / "critic")
     if acc.is_main_process:
