@@ -6,12 +6,11 @@ the start of a run and every ``eval_every`` steps (and after the last one). The 
 so far (ties: the earlier, so the starting model wins a tie) is written to ``out/best``
 atomically; at the end it becomes the run's final model. With ``keep_last_z`` > 0 the last
 model stays the final one unless the best beats it on the same problems by at least that
-paired z (:func:`paired_z`): a highest score among a few noisy ones mostly picks noise (RL on
-the testbed: seed 0 of the full preset kept step 5 at 93.7% over step 15 at 93.5%, 1,000
-problems, and step 15 had the checks RL had made more useful; README of ``benchmarks/``,
-``rl_sweep.py``), while a real drop still
-sends the run back. The best and last models' steps, scores and per-problem results are part of
-the loop's checkpoint state, so a resumed run selects what the uninterrupted one does.
+paired z (:func:`paired_z`): the highest of a few noisy scores mostly picks noise (on the
+testbed, seed 0 of the full preset kept step 5 at 93.7% over step 15 at 93.5% on 1,000
+problems, and step 15 was the policy RL had changed; ``configs/full.yaml``), while a real drop
+still sends the run back. The best and last models' steps, scores and per-problem results are
+part of the loop's checkpoint state, so a resumed run selects what the uninterrupted one does.
 
 With several processes each one evaluates its share of the problems (every ``world``-th)
 and the counts are summed, so selection costs the same wall time per process whatever the
