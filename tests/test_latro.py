@@ -259,7 +259,8 @@ def test_best_held_out_model_is_the_final_model(tiny, tmp_path):
     best = json.loads((out / "best" / "best.json").read_text())
     # a random tiny model solves nothing: every evaluation ties at 0, the earliest (the
     # initial model) is kept, and it is what lands in `out`
-    assert res["initial_valid_acc"] == 0.0 and best == {"step": 0, "valid_acc": 0.0}
+    assert res["initial_valid_acc"] == 0.0 and best["step"] == 0 and best["valid_acc"] == 0.0
+    assert best["solved"] == [False] * len(best["solved"]) and best["solved"]  # per problem, none solved
     assert same_weights(model_weights(out), model_weights(tiny))
     assert same_weights(model_weights(out), model_weights(out / "best"))
     assert [m["step"] for m in read_metrics(out) if "valid_acc" in m] == [0, 1, 2]
