@@ -13,7 +13,7 @@ still sends the run back. The best and last models' steps, scores and per-proble
 part of the loop's checkpoint state, so a resumed run selects what the uninterrupted one does.
 
 With several processes each one evaluates its share of the problems (every ``world``-th)
-and the counts are summed, so selection costs the same wall time per process whatever the
+and the per-problem results are summed, so selection costs the same wall time per process whatever the
 number of processes; the best model's state dict is gathered collectively (``accelerate``'s
 ``get_state_dict``, as :func:`satori.train.common.save_final_model` does for ZeRO-3 / FSDP; tested
 with DDP on CPU) and written by the main process only.
@@ -110,12 +110,12 @@ class BestModel:
     def keeps_last(self) -> bool:
         """Whether the last model measured stays the final one: it is the best, or with
         ``keep_last_z`` > 0 the best does not beat it by that paired z."""
-        if not self.best or self.best["step"] == self.last.get("step"):
-            return False  # nothing measured, or the best is the last: install() it
-        if self.keep_last_z > 0 and not ("solved" in self.best and "solved" in self.last):
+        if self.keep_last_z <= 0 or not self.best or self.best["step"] == self.last.get("step"):
+            return False  # the best always, nothing measured, or the best is the last: install() it
+        if not ("solved" in self.best and "solved" in self.last):
             raise SatoriError(f"{self.out}: the checkpoint's selection state has no per-problem results (written "
                               f"by an older satori); remove {self.out / 'checkpoints'} to start again")
-        return self.keep_last_z > 0 and paired_z(self.best["solved"], self.last["solved"]) < self.keep_last_z
+        return paired_z(self.best["solved"], self.last["solved"]) < self.keep_last_z
 
     def _save(self, model: Any) -> None:
         """Write ``out/best`` (model, tokenizer, ``best.json``) via a temporary folder and renames."""
