@@ -12,6 +12,7 @@ from satori.errors import SatoriError
 from satori.rollout import load_tokenizer
 from satori.train.orm import (
     ORMConfig, check_same_tokenizer, init_orm, load_orm, make_pairs, ranking_metrics, run_orm, score_sequences,
+    selected_text,
 )
 
 
@@ -48,6 +49,29 @@ def test_ranking_metrics_by_hand():
     assert m["pairwise_accuracy"] == pytest.approx(1.5 / 3)
     sig = lambda x: torch.nn.functional.logsigmoid(torch.tensor(x)).item()  # noqa: E731
     assert m["pair_loss"] == pytest.approx(-(sig(1.0) + sig(-1.0) + sig(0.0)) / 3, rel=1e-5)
+
+
+def test_ranking_metrics_split_by_reflection_by_hand():
+    correct = [[True, True, False, False], [True, False], [True, True, True]]
+    scores = [[3.0, 1.0, 2.0, 0.0], [0.0, 1.0], [1.0, 1.0, 0.0]]
+    reflects = [[False, True, True, False], [True, False], [False, True, True]]
+    m = ranking_metrics(correct, scores, reflects=reflects)
+    by = m["by_reflection"]
+    # right/wrong pairs: problem 0 (plain 3 > reflected 2, plain 3 > plain 0, reflected 1 < reflected 2,
+    # reflected 1 > plain 0); problem 1 (reflected 0 < plain 1); problem 2 has no wrong answer
+    assert by["right_plain/wrong_reflects"] == {"accuracy": 1.0, "pairs": 1}
+    assert by["right_plain/wrong_plain"] == {"accuracy": 1.0, "pairs": 1}
+    assert by["right_reflects/wrong_reflects"] == {"accuracy": 0.0, "pairs": 1}
+    assert by["right_reflects/wrong_plain"] == {"accuracy": 0.5, "pairs": 2}
+    assert m["pairwise_accuracy"] == pytest.approx(3 / 5)
+    # right plain vs right reflected: problem 0 (3 > 1), problem 2 (1 = 1 a tie, 1 > 0)
+    assert by["right_plain_above_reflected"]["pairs"] == 3
+    assert by["right_plain_above_reflected"]["share"] == pytest.approx(2.5 / 3)
+    # the split leaves the other figures alone and is absent without the flags
+    plain = ranking_metrics(correct, scores)
+    assert "by_reflection" not in plain
+    assert plain == {k: v for k, v in m.items() if k != "by_reflection"}
+    assert "0.83" in selected_text(7, m, 4) and "step 7" in selected_text(7, m, 4)
 
 
 def test_scores_do_not_depend_on_padding_or_batching(tiny_coat):

@@ -18,8 +18,10 @@ The loop, top to bottom:
    exact ``--resume``;
 5. every ``eval_every`` steps (and at the end): pairwise accuracy and best-of-k accuracy on
    the held-out problems (the highest-scored of each problem's ``k`` samples, fraction
-   correct; beside the mean sample accuracy and pass@k it is bounded by); the checkpoint
-   with the best held-out best-of-k accuracy (ties: pairwise accuracy) is the final ORM.
+   correct; beside the mean sample accuracy and pass@k it is bounded by), and pairwise accuracy
+   split by whether the answers reflect (``by_reflection``: an ORM can learn "a check means a
+   mistake" and tax every check in RL's reward); the checkpoint with the best held-out best-of-k
+   accuracy (ties: pairwise accuracy) is the final ORM.
 
 Scoring always uses right padding and ``config.pad_token_id``; the head reads the rightmost
 non-pad token. The saved config sets ``token_classification_bias = False`` and
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from satori.algos import bradley_terry_loss
+from satori.coat import behaviour
 from satori.config import check, to_dict, validate_all
 from satori.data import DataConfig, Problem, build_prompt, load_problems
 from satori.errors import SatoriError
@@ -292,24 +295,51 @@ def load_orm(path: str | Path) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- held-out metrics
 
 
+def _order(a: float, b: float) -> float:
+    """1 if a scores above b, 0.5 on a tie, 0 below."""
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
 def ranking_metrics(correct: Sequence[Sequence[bool]], scores: Sequence[Sequence[float]],
-                    margin: float = 0.0) -> dict[str, Any]:
+                    margin: float = 0.0, reflects: Sequence[Sequence[bool]] | None = None) -> dict[str, Any]:
     """Per-problem grades and scores -> best-of-k accuracy (highest score, first on ties),
     mean sample accuracy, pass@k, and over the problems with both outcomes: best-of-k,
-    pairwise accuracy (ties count half) and the Bradley-Terry loss of all pairs."""
+    pairwise accuracy (ties count half) and the Bradley-Terry loss of all pairs.
+
+    With ``reflects`` (per sample: does it write ``<|reflect|>``), ``by_reflection`` splits the
+    pairs by whether the right and the wrong answer reflect (``right_reflects/wrong_plain`` and
+    so on: accuracy, pairs) and adds ``right_plain_above_reflected``: over the pairs of a
+    problem's right answers of which exactly one reflects, how often the plain one scores higher
+    (ties half). An ORM that tells right from wrong and not checks from no checks gives 0.5 there;
+    one that learned "a check means a mistake" gives far more, and taxes every check in RL's
+    reward (benchmarks/orm_reflections.py measured 0.91 on the testbed)."""
     n = len(correct)
     if n == 0:
         raise SatoriError("no held-out problems to evaluate the ORM on")
     best, mixed_best, hits, losses = [], [], [], []
-    for c, s in zip(correct, scores):
+    cells: dict[str, list[float]] = {f"right_{a}/wrong_{b}": [] for a in ("reflects", "plain")
+                                     for b in ("reflects", "plain")}
+    plain_above: list[float] = []
+    kind = lambda f: "reflects" if f else "plain"  # noqa: E731
+    for p, (c, s) in enumerate(zip(correct, scores)):
         pick = bool(c[max(range(len(s)), key=lambda i: (s[i], -i))])
         best.append(pick)
+        r = reflects[p] if reflects is not None else None
         if any(c) and not all(c):
             mixed_best.append(pick)
             for i, j in product(range(len(c)), range(len(c))):
                 if c[i] and not c[j]:
-                    hits.append(1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
+                    hits.append(_order(s[i], s[j]))
                     losses.append(float(-F.logsigmoid(torch.tensor(s[i] - s[j] - margin))))
+                    if r is not None:
+                        cells[f"right_{kind(r[i])}/wrong_{kind(r[j])}"].append(hits[-1])
+        if r is not None:
+            plain_above += [_order(s[i], s[j]) for i, j in product(range(len(c)), range(len(c)))
+                            if c[i] and c[j] and not r[i] and r[j]]
+    by_reflection: dict[str, Any] = {
+        name: {"accuracy": sum(h) / len(h) if h else None, "pairs": len(h)} for name, h in cells.items()}
+    by_reflection["right_plain_above_reflected"] = {
+        "share": sum(plain_above) / len(plain_above) if plain_above else None, "pairs": len(plain_above)}
     return {
         "n_problems": n,
         "n_mixed": len(mixed_best),
@@ -319,7 +349,17 @@ def ranking_metrics(correct: Sequence[Sequence[bool]], scores: Sequence[Sequence
         "best_of_k_mixed": sum(mixed_best) / len(mixed_best) if mixed_best else None,
         "pairwise_accuracy": sum(hits) / len(hits) if hits else None,
         "pair_loss": sum(losses) / len(losses) if losses else None,
+        **({"by_reflection": by_reflection} if reflects is not None else {}),
     }
+
+
+def selected_text(step: int, m: dict[str, Any], k: int) -> str:
+    """One line on the selected ORM for the run report's stage table."""
+    num = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    tax = m.get("by_reflection", {}).get("right_plain_above_reflected", {}).get("share")
+    return (f"step {step}: held-out pairwise accuracy {num(m['pairwise_accuracy'])}, best-of-{k} "
+            f"{num(m['best_of_k'])} (sample accuracy {num(m['sample_accuracy'])}); a plain right answer "
+            f"above a reflected one {num(tax)}")
 
 
 def evaluate_orm(orm: Any, tokenizer: Any, records: Sequence[dict[str, Any]], cfg: ORMConfig) -> dict[str, Any]:
@@ -333,7 +373,8 @@ def evaluate_orm(orm: Any, tokenizer: Any, records: Sequence[dict[str, Any]], cf
     for g in groups:
         scores.append(flat[start: start + len(g)])
         start += len(g)
-    return ranking_metrics([[bool(r["correct"]) for r in g] for g in groups], scores, cfg.margin)
+    return ranking_metrics([[bool(r["correct"]) for r in g] for g in groups], scores, cfg.margin,
+                           [[behaviour(r["response"])["reflects"] for r in g] for g in groups])
 
 
 # --------------------------------------------------------------------------- samples cache
@@ -509,6 +550,9 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
             if done % cfg.eval_every == 0 or done == total_steps:
                 ev = evaluate_orm(acc.unwrap_model(model), tokenizer, valid_recs, cfg)
                 metrics.update({f"valid_{k}": v for k, v in ev.items() if isinstance(v, float)})
+                tax = ev["by_reflection"]["right_plain_above_reflected"]["share"]
+                if tax is not None:
+                    metrics["valid_right_plain_above_reflected"] = tax
                 rank_key = [ev["best_of_k"], ev["pairwise_accuracy"] or 0.0]
                 if best is None or rank_key > best["key"]:
                     best = {"step": done, "key": rank_key, "metrics": ev}
@@ -536,7 +580,7 @@ def run_orm(cfg: ORMConfig) -> dict[str, Any]:
             shutil.copy2(f, out / f.name)
         shutil.rmtree(best_dir)
         result.update(best_step=best["step"], best=best["metrics"], bad_steps=bad_steps,
-                      seconds=round(time.time() - t0, 2))
+                      seconds=round(time.time() - t0, 2), final=selected_text(best["step"], best["metrics"], cfg.k))
         write_json(out / "orm_result.json", {"config": to_dict(cfg), "result": result})
     acc.wait_for_everyone()
     return result
