@@ -163,6 +163,23 @@ def test_f_to_t_claim_reads_the_sampled_answers(results):
     # the shares rest on few events: the detail says how many (2 seeds × 4 changed answers each)
     assert claim["numbers"]["changed_a"] == {"F->T": 6, "T->F": 2}
     assert "rl_round1 8 (6 F→T, 2 T→F), sft_coat 8 (2 F→T, 6 T→F)" in claim["detail"]
+    assert "step_effect_a" not in claim["numbers"]  # no step checker's counts in these results
+
+
+def test_f_to_t_claim_adds_the_checks_own_effect_by_the_step_checker(results):
+    # per seed: round 1's checks repair 3 wrong lines and break 5 right ones, format tuning's 2 and 18
+    for name, (repaired, broken) in (("rl_round1", (3, 5)), ("sft_coat", (2, 18))):
+        for seed in results["models"][name]["seeds"].values():
+            seed["test"]["sampled"]["reflection"]["steps"]["counts"] = {
+                "wrong": 40, "wrong_reflected": 10, "right": 400, "right_reflected": 60,
+                "wrong_repaired": repaired, "right_broken": broken}
+    claim = by_name(compute_claims(results))["F→T rises after RL"]
+    n = claim["numbers"]
+    assert n["step_effect_a"] == {"wrong_repaired": 6, "right_broken": 10}  # two seeds summed
+    assert n["step_effect_b"] == {"wrong_repaired": 4, "right_broken": 36}
+    assert "rl_round1 6 / 10 (37.5% repairs), sft_coat 4 / 36 (10.0% repairs)" in claim["detail"]
+    # the verdict still reads the answer-level share
+    assert claim["held"] is (n["mean_a"] > n["mean_b"])
 
 
 def test_mean_std_over_three_seeds():

@@ -217,11 +217,22 @@ def compare_claim(results: dict[str, Any], name: str, a: str, b: str, split: str
                    + f", {md * 100:+.1f} ± {sd * 100:.1f}; {a} {'ahead' if rule == '>' else 'level or ahead'} in "
                    f"{ahead} of {len(paired)}.")
     if path.endswith("_share"):  # a share of few events: say how many
-        ca, cb = changed_answers(results, a, split, path), changed_answers(results, b, split, path)
+        node = path.split(".")[:-1]
+        ca, cb = (summed_counts(results, m, split, node + ["counts"], ("F->T", "T->F")) for m in (a, b))
         numbers.update(changed_a=ca, changed_b=cb)
         detail += (f" Reflected answers that changed correctness, summed over seeds: {a} {sum(ca.values())} "
                    f"({ca['F->T']} F→T, {ca['T->F']} T→F), {b} {sum(cb.values())} "
                    f"({cb['F->T']} F→T, {cb['T->F']} T→F).")
+        # a mid-solution check's answer-level outcome also takes in every later step's slips; the step
+        # checker's counts give the check's own effect (testbed problems only)
+        sa, sb = (summed_counts(results, m, split, node + ["steps", "counts"], ("wrong_repaired", "right_broken"))
+                  for m in (a, b))
+        if sum(sa.values()) and sum(sb.values()):
+            numbers.update(step_effect_a=sa, step_effect_b=sb)
+            own = lambda c: (f"{c['wrong_repaired']:,} / {c['right_broken']:,} "  # noqa: E731
+                             f"({_pct(c['wrong_repaired'] / sum(c.values()))}% repairs)")
+            detail += (" The step after a check, by the step checker (the check's own effect; the answer also takes "
+                       f"in later slips), repairs a wrong line / breaks a right one: {a} {own(sa)}, {b} {own(sb)}.")
     return {"name": name, "held": held, "numbers": numbers, "detail": detail}
 
 
@@ -230,11 +241,13 @@ def _meets(diff: float, rule: str) -> bool:
     return diff > 0 if rule == ">" else diff >= 0
 
 
-def changed_answers(results: dict[str, Any], model: str, split: str, path: str) -> dict[str, int]:
-    """F→T and T→F counts summed over seeds, from the ``counts`` beside a ``*_share`` metric."""
-    total = {"F->T": 0, "T->F": 0}
+def summed_counts(results: dict[str, Any], model: str, split: str, node: list[str],
+                  keys: Sequence[str]) -> dict[str, int]:
+    """``keys`` of the counts dict at ``node`` of a model's ``split`` metrics, summed over seeds
+    (0 where a seed lacks them)."""
+    total = {key: 0 for key in keys}
     for seed in results.get("models", {}).get(model, {}).get("seeds", {}).values():
-        counts = node_at(seed.get(split), path.split(".")[:-1] + ["counts"])
+        counts = node_at(seed.get(split), node)
         for key in total:
             total[key] += int(counts.get(key, 0)) if isinstance(counts, dict) else 0
     return total
