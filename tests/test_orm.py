@@ -155,6 +155,12 @@ def test_trained_orm_separates_and_loads_as_a_critic(tmp_path, tiny_coat):
     assert [e["step"] for e in evals if "valid_best_of_k" in e] == [10, 20, 30]
     assert result["best_step"] in (10, 20, 30) and not (out / "best").exists()
     assert evals[-1]["loss"] < evals[0]["loss"]
+    # no sample reflects: every pair is plain against plain, and the report's line names the step
+    by = result["best"]["by_reflection"]
+    assert by["right_plain/wrong_plain"]["accuracy"] == result["best"]["pairwise_accuracy"]
+    assert by["right_plain/wrong_plain"]["pairs"] > 0 and by["right_reflects/wrong_plain"]["pairs"] == 0
+    assert by["right_plain_above_reflected"] == {"share": None, "pairs": 0}
+    assert result["final"].startswith(f"step {result['best_step']}: held-out pairwise accuracy")
 
     orm, tok = load_orm(out)
     check_same_tokenizer(tok, load_tokenizer(tiny_coat), "orm vs policy")
